@@ -1,0 +1,50 @@
+"""Message schemas: everything that crosses a Kafka topic. No I/O, no torch, no aiokafka."""
+
+from schemas.atoms import AtomCreated, AtomDeleted, AtomEvent, InvalidAtom, decode_atom
+from schemas.control import (
+    BackfillConfig,
+    CancelMigration,
+    ControlCommand,
+    Finalize,
+    PauseMigration,
+    ResumeMigration,
+    Rollback,
+    StartMigration,
+)
+from schemas.embeddings import EmbeddingRecord, SourceRef
+from schemas.errors import LatticeError
+from schemas.routing import (
+    EmbeddingRoute,
+    EmbeddingRoutingConfig,
+    MigrationState,
+    Progress,
+    Rejection,
+    RoutingPhase,
+    RoutingStatus,
+)
+
+__all__ = [
+    "AtomCreated",
+    "AtomDeleted",
+    "AtomEvent",
+    "BackfillConfig",
+    "CancelMigration",
+    "ControlCommand",
+    "EmbeddingRecord",
+    "EmbeddingRoute",
+    "EmbeddingRoutingConfig",
+    "Finalize",
+    "InvalidAtom",
+    "LatticeError",
+    "MigrationState",
+    "PauseMigration",
+    "Progress",
+    "Rejection",
+    "ResumeMigration",
+    "Rollback",
+    "RoutingPhase",
+    "RoutingStatus",
+    "SourceRef",
+    "StartMigration",
+    "decode_atom",
+]

@@ -1,0 +1,63 @@
+"""ControlCommand: the operator commands on the control topic (CONTRACT section 3)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class BackfillConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a migration backfills history; defaults are the original design's."""
+
+    batch_size: PositiveInt = 100
+    max_concurrent: PositiveInt = 4
+    dual_write: bool = True
+    target_query_threshold: Fraction = 0.8
+    rollback_window_secs: NonNegativeInt = 86400
+
+
+class _Command(msgspec.Struct, tag_field="command", frozen=True, kw_only=True):
+    migration_id: Identifier
+    command_id: str | None = None
+    issued_by: str | None = None
+
+
+class StartMigration(_Command, tag="start_migration", frozen=True):
+    """Begin moving from `source_model` to `target_model`."""
+
+    source_model: Identifier
+    target_model: Identifier
+    backfill: BackfillConfig = BackfillConfig()
+
+
+class PauseMigration(_Command, tag="pause_migration", frozen=True):
+    """Pause backfill; dual-write continues."""
+
+    reason: str | None = None
+
+
+class ResumeMigration(_Command, tag="resume_migration", frozen=True):
+    """Resume a paused or failed backfill."""
+
+
+class CancelMigration(_Command, tag="cancel_migration", frozen=True):
+    """Abandon the migration: the source model alone again."""
+
+
+class Rollback(_Command, tag="rollback", frozen=True):
+    """Inside the rollback window: return to the source model."""
+
+
+class Finalize(_Command, tag="finalize", frozen=True):
+    """Inside the rollback window: close it now and write the target alone."""
+
+
+ControlCommand = (
+    StartMigration | PauseMigration | ResumeMigration | CancelMigration | Rollback | Finalize
+)

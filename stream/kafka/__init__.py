@@ -1,0 +1,1 @@
+"""Thin wrappers over aiokafka: clients, admin, errors. No business logic."""

@@ -1,0 +1,97 @@
+"""Create the topics the processor owns; read partition counts and end offsets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import for_code
+
+from stream.config import KafkaConfig
+from stream.errors import BrokerUnavailable
+from stream.kafka.clients import MAX_REQUEST_BYTES, connection_options, kafka_errors
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the processor creates when it is missing (it never deletes one)."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def event_log_configs() -> dict[str, str]:
+    """A never-deleted, never-compacted log whose record times come from the broker."""
+    return {
+        "cleanup.policy": "delete",
+        "retention.ms": "-1",
+        "retention.bytes": "-1",
+        "message.timestamp.type": "LogAppendTime",
+    }
+
+
+def output_configs() -> dict[str, str]:
+    """Output topics accept records up to the processor's request size."""
+    return {"max.message.bytes": str(MAX_REQUEST_BYTES)}
+
+
+class Admin:
+    """An admin client for the lifetime of an `async with` block."""
+
+    def __init__(self, kafka: KafkaConfig) -> None:
+        self._kafka = kafka
+        self._client = AIOKafkaAdminClient(**connection_options(kafka))
+
+    async def __aenter__(self) -> Admin:
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            await self._client.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()
+
+    async def partition_count(self, topic: str) -> int | None:
+        """Partitions of `topic`, or None when it does not exist."""
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            described = await self._client.describe_topics([topic])
+        for entry in described:
+            if entry["topic"] == topic and entry["error_code"] == 0:
+                return len(entry["partitions"])
+        return None
+
+    async def ensure_topics(self, specs: list[TopicSpec]) -> list[str]:
+        """Create every missing topic in `specs`; return the names actually created."""
+        if not specs:
+            return []
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            existing = set(await self._client.list_topics())
+            missing = [spec for spec in specs if spec.name not in existing]
+            if not missing:
+                return []
+            response = await self._client.create_topics(
+                [
+                    NewTopic(
+                        name=spec.name,
+                        num_partitions=spec.partitions,
+                        replication_factor=spec.replication_factor,
+                        topic_configs=spec.configs,
+                    )
+                    for spec in missing
+                ]
+            )
+        created = []
+        for topic, code, *rest in response.topic_errors:
+            if code == 0:
+                created.append(topic)
+                log.info("created topic %s", topic)
+            elif code != TOPIC_ALREADY_EXISTS:
+                detail = rest[0] if rest and rest[0] else for_code(code).__name__
+                raise BrokerUnavailable(f"cannot create topic {topic}: {detail}")
+        return created

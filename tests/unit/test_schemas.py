@@ -1,0 +1,191 @@
+"""Schemas: v1 samples decode, round trips, and every validation rule with its message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from schemas import (
+    AtomCreated,
+    AtomDeleted,
+    BackfillConfig,
+    ControlCommand,
+    EmbeddingRecord,
+    InvalidAtom,
+    RoutingPhase,
+    RoutingStatus,
+    StartMigration,
+    decode_atom,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
+
+
+def decode(value: bytes | None, key: bytes | None = b"a", limit: int = 4096) -> object:
+    return decode_atom(key, value, max_event_bytes=limit)
+
+
+def test_v1_samples_decode() -> None:
+    created = decode((SAMPLES / "atom_created.json").read_bytes(), key=b"a-17")
+    assert isinstance(created, AtomCreated) and created.metadata == {"tenant": "t1"}
+    assert created.created_at is not None and created.created_at.utcoffset() is not None
+    assert decode((SAMPLES / "atom_deleted.json").read_bytes(), key=b"a-17") == AtomDeleted(
+        atom_id="a-17"
+    )
+    record = msgspec.json.decode(
+        (SAMPLES / "embedding_record.json").read_bytes(), type=EmbeddingRecord
+    )
+    assert record.source.header() == "atoms/0/42" and record.vector[1] == -0.5
+    commands = [
+        msgspec.json.decode(line, type=ControlCommand)
+        for line in (SAMPLES / "control_commands.jsonl").read_bytes().splitlines()
+    ]
+    assert [type(c).__name__ for c in commands] == [
+        "StartMigration",
+        "StartMigration",
+        "PauseMigration",
+        "ResumeMigration",
+        "CancelMigration",
+        "Rollback",
+        "Finalize",
+    ]
+    assert isinstance(commands[1], StartMigration) and commands[1].backfill == BackfillConfig()
+    status = msgspec.json.decode((SAMPLES / "routing_status.json").read_bytes(), type=RoutingStatus)
+    assert status.phase is RoutingPhase.MIGRATING and status.last_rejection is not None
+
+
+def test_backfill_defaults_are_the_original_design() -> None:
+    assert msgspec.structs.asdict(BackfillConfig()) == {
+        "batch_size": 100,
+        "max_concurrent": 4,
+        "dual_write": True,
+        "target_query_threshold": 0.8,
+        "rollback_window_secs": 86400,
+    }
+
+
+def test_round_trips() -> None:
+    for sample in ("embedding_record.json", "routing_status.json"):
+        kind = EmbeddingRecord if sample.startswith("embedding") else RoutingStatus
+        value = msgspec.json.decode((SAMPLES / sample).read_bytes(), type=kind)
+        assert msgspec.json.decode(msgspec.json.encode(value), type=kind) == value
+
+
+def test_null_optional_fields_count_as_absent_and_unknown_fields_are_ignored() -> None:
+    event = decode(
+        b'{"type":"atom.created","atom_id":"a","text":"t","created_at":null,'
+        b'"metadata":null,"extra":{"x":1}}'
+    )
+    assert event == AtomCreated(atom_id="a", text="t")
+
+
+def test_null_value_under_a_key_is_a_delete_and_null_key_is_accepted() -> None:
+    assert decode(None, key=b"a") == AtomDeleted(atom_id="a")
+    assert decode(b'{"type":"atom.deleted","atom_id":"z"}', key=None) == AtomDeleted(atom_id="z")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "stage", "message"),
+    [
+        (b"a", b"\xff", "decode", "value is not valid UTF-8 (byte 0)"),
+        (b"a", b"{", "decode", "value is not valid JSON: Input data was truncated"),
+        (b"a", b"[]", "decode", "value is not a JSON object (got array)"),
+        (b"a", b"null", "decode", "value is not a JSON object (got null)"),
+        (
+            b"a",
+            b"x" * 5000,
+            "decode",
+            "event is 5000 bytes, over the limit of 4096 bytes (limits.max_event_bytes)",
+        ),
+        (b"\xc3", None, "decode", "key is not valid UTF-8 (byte 0)"),
+        (None, None, "validate", "record has neither a key nor a value"),
+        (b"a", b'{"atom_id":"a"}', "validate", "Object missing required field `type`"),
+        (
+            b"a",
+            b'{"type":"atom.created","atom_id":"a"}',
+            "validate",
+            "Object missing required field `text`",
+        ),
+        (
+            b"a",
+            b'{"type":"atom.moved","atom_id":"a"}',
+            "validate",
+            "Invalid value 'atom.moved' - at `$.type`",
+        ),
+        (
+            b"a",
+            b'{"type":"atom.created","atom_id":"a","text":1}',
+            "validate",
+            "Expected `str`, got `int` - at `$.text`",
+        ),
+        (
+            b"a",
+            b'{"type":"atom.created","atom_id":"a","text":" \\n"}',
+            "validate",
+            "text must contain at least one non-whitespace character",
+        ),
+        (
+            b"a",
+            b'{"type":"atom.created","atom_id":"a","text":"t","created_at":"2026-11-27T10:00:00"}',
+            "validate",
+            "Expected `datetime` with a timezone component - at `$.created_at`",
+        ),
+        (
+            b"a",
+            b'{"type":"atom.created","atom_id":"a","text":"t","metadata":{"k":2}}',
+            "validate",
+            "Expected `str`, got `int` - at `$.metadata[...]`",
+        ),
+        (b"", b'{"type":"atom.deleted","atom_id":""}', "validate", "atom_id must not be empty"),
+        (
+            b"b",
+            b'{"type":"atom.deleted","atom_id":"a"}',
+            "validate",
+            "record key 'b' differs from atom_id 'a'",
+        ),
+        (
+            None,
+            b'{"type":"atom.deleted","atom_id":"' + b"\xc3\xa9" * 257 + b'"}',
+            "validate",
+            "atom_id is 514 bytes, over the limit of 512 bytes",
+        ),
+    ],
+)
+def test_invalid_atoms_have_stage_and_exact_message(
+    key: bytes | None, value: bytes | None, stage: str, message: str
+) -> None:
+    with pytest.raises(InvalidAtom) as caught:
+        decode(value, key=key)
+    assert (caught.value.stage, caught.value.reason) == (stage, message)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (
+            b'{"command":"start_migration","migration_id":"m","source_model":"a"}',
+            "Object missing required field `target_model`",
+        ),
+        (
+            b'{"command":"start_migration","migration_id":"m","source_model":"a","target_model":"b",'
+            b'"backfill":{"target_query_threshold":1.5}}',
+            "Expected `float` <= 1.0 - at `$.backfill.target_query_threshold`",
+        ),
+        (
+            b'{"command":"start_migration","migration_id":"m","source_model":"a","target_model":"b",'
+            b'"backfill":{"batch_size":0}}',
+            "Expected `int` >= 1 - at `$.backfill.batch_size`",
+        ),
+        (b'{"command":"explode","migration_id":"m"}', "Invalid value 'explode' - at `$.command`"),
+        (
+            b'{"command":"finalize","migration_id":""}',
+            "Expected `str` of length >= 1 - at `$.migration_id`",
+        ),
+    ],
+)
+def test_invalid_control_commands(command: bytes, message: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(command, type=ControlCommand)
+    assert str(caught.value) == message
