@@ -12,6 +12,7 @@ from aiokafka import TopicPartition
 
 from schemas.routing import RoutingPhase, RoutingStatus
 from stream.config import Config
+from stream.embedder import check_model_source
 from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
 from stream.live import LiveConsumer, LiveStats, StaticRouting, WindowProcessor
@@ -38,7 +39,21 @@ def owned_topics(config: Config, partitions: int) -> list[TopicSpec]:
 
 
 async def prepare_topics(config: Config) -> None:
-    """Create the owned topics that are missing, sized like `atoms` unless configured."""
+    """Create the owned topics that are missing, sized like `atoms` unless configured.
+
+    This is the processor's first contact with Kafka: an unreachable broker surfaces here
+    as one `BrokerUnavailable` line (aiokafka's own connection log is held back meanwhile).
+    """
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        await _ensure_owned_topics(config)
+    finally:
+        client_log.setLevel(level)
+
+
+async def _ensure_owned_topics(config: Config) -> None:
     async with Admin(config.kafka) as admin:
         atoms_partitions = await admin.partition_count(config.topics.atoms)
         if atoms_partitions is None:
@@ -58,6 +73,8 @@ async def run_processor(
     stop = stop or anyio.Event()
     stats = LiveStats()
     routing = StaticRouting(stable_snapshot(config.routing.stable_model))
+    for model in (await routing.current()).write_models:
+        check_model_source(model, config.models[model])
     await prepare_topics(config)
     models = models or ModelPool(config)
     for model in (await routing.current()).write_models:

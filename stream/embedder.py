@@ -161,10 +161,8 @@ class Embedder:
         return result
 
 
-def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
-    """Load tokenizer and model from local files only; never download at run time."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def check_model_source(name: str, config: ModelConfig) -> str:
+    """Fail fast, before any heavy work, when a model directory is plainly unusable."""
     source = config.path or config.hf_id
     if source is None:
         raise ModelLoadError(f"model {name}: no path or hf_id configured")
@@ -172,6 +170,14 @@ def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
         raise ModelLoadError(
             f"model {name}: {config.path} is not a readable model directory (no config.json)"
         )
+    return source
+
+
+def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
+    """Load tokenizer and model from local files only; never download at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    source = check_model_source(name, config)
     try:
         import torch
         from transformers import AutoModel, AutoTokenizer

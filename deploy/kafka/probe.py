@@ -115,13 +115,22 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-        state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
-        return state not in (b"Z", b"X")
-    except (OSError, ValueError):
+    # An unreaped zombie is dead for our purposes; a zombie thread-group leader whose
+    # other threads still run (a JVM on its way out) is not.
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        end = stat.rfind(b")")
+        if stat[end + 2 : end + 3] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def cmd_metadata(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.kafka
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
-    """A running broker: $LATTICE_TEST_BOOTSTRAP, or the local one (stopped if started here)."""
+    """A running broker: $KAFKA_TEST_BOOTSTRAP, or the local one (stopped if started here)."""
     running = start_local_broker()
     yield running
     if running.started_here:

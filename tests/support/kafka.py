@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import subprocess
 import uuid
@@ -35,8 +36,8 @@ class Broker:
 
 
 def start_local_broker() -> Broker:
-    """Use $LATTICE_TEST_BOOTSTRAP, else start (idempotently) the repo's local broker."""
-    given = os.environ.get("LATTICE_TEST_BOOTSTRAP")
+    """Use $KAFKA_TEST_BOOTSTRAP, else start (idempotently) the repo's local broker."""
+    given = os.environ.get("KAFKA_TEST_BOOTSTRAP")
     if given:
         return Broker(given, started_here=False)
     env = test_broker_env()
@@ -133,7 +134,7 @@ async def read_all(bootstrap: str, topic: str) -> list[object]:
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records: list[object] = []
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             for messages in (await consumer.getmany(timeout_ms=1000)).values():
                 records.extend(
                     m for m in messages if m.offset < ends[TopicPartition(m.topic, m.partition)]
@@ -173,22 +174,26 @@ async def collect(
     done: Callable[[list[Any]], bool],
     *,
     within: float,
+    alive: Callable[[], bool] = lambda: True,
 ) -> list[Any]:
     """Read `topic` from the beginning, as records arrive, until `done(records)` holds."""
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_partition_fetch_bytes=8 * 1024 * 1024,
-        metadata_max_age_ms=1000,
+        metadata_max_age_ms=500,
     )
     await consumer.start()
+    # A pattern waits quietly for a topic the processor has not created yet.
+    consumer.subscribe(pattern=f"^{re.escape(topic)}$")
     records: list[Any] = []
     try:
         with anyio.fail_after(within):
             while not done(records):
+                if not alive():
+                    raise AssertionError(f"the processor exited before {topic} was complete")
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
                     records.extend(messages)
     finally:
