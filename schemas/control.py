@@ -61,3 +61,38 @@ class Finalize(_Command, tag="finalize", frozen=True):
 ControlCommand = (
     StartMigration | PauseMigration | ResumeMigration | CancelMigration | Rollback | Finalize
 )
+
+
+# Internal events the processor appends to the control log (their shape is the project's own).
+
+
+class HandoffRecorded(_Command, tag="handoff", frozen=True, kw_only=True):
+    """Dual-write began on `partition` at `offset`: backfill covers [log_start, offset)."""
+
+    epoch: int = 0
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+    log_start: Annotated[int, msgspec.Meta(ge=0)]
+    partitions: PositiveInt
+
+
+class BackfillProgress(_Command, tag="backfill_progress", frozen=True, kw_only=True):
+    """Backfill of `partition` has emitted everything before `offset`."""
+
+    epoch: int = 0
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class WindowClosed(_Command, tag="window_closed", frozen=True, kw_only=True):
+    """The rollback window has passed: writes go to the target alone from here."""
+
+
+class MigrationFailed(_Command, tag="migration_failed", frozen=True, kw_only=True):
+    """The processor cannot carry on with the migration (e.g. the target model fails to load)."""
+
+    reason: str
+
+
+InternalEvent = HandoffRecorded | BackfillProgress | WindowClosed | MigrationFailed
+ControlEvent = ControlCommand | InternalEvent

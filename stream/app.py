@@ -7,17 +7,18 @@ import signal
 from collections.abc import Callable
 
 import anyio
-import msgspec
-from aiokafka import TopicPartition
 
-from schemas.routing import RoutingPhase, RoutingStatus
+from schemas.routing import RoutingStatus
+from stream.backfill import MigrationWorker
 from stream.config import Config
+from stream.control import ControlPlane
 from stream.embedder import check_model_source
 from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
-from stream.live import LiveConsumer, LiveStats, StaticRouting, WindowProcessor
+from stream.live import LiveConsumer
 from stream.models import ModelPool
-from stream.routing import stable_snapshot
+from stream.pipeline import LiveStats, WindowProcessor
+from stream.routing import RoutingState
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,53 @@ async def _ensure_owned_topics(config: Config) -> None:
 async def run_processor(
     config: Config,
     *,
+    role: str = "all",
     stop: anyio.Event | None = None,
     on_assigned: Callable[[], None] | None = None,
     models: ModelPool | None = None,
 ) -> LiveStats:
-    """Run the live path until `stop` is set (or SIGTERM/SIGINT when `stop` is None)."""
+    """Run the processor until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
+
+    Start-up order matters: topics, then the whole control log replayed, then the models
+    the routing needs, and only then the first atom.
+    """
     stop = stop or anyio.Event()
     stats = LiveStats()
-    routing = StaticRouting(stable_snapshot(config.routing.stable_model))
-    for model in (await routing.current()).write_models:
-        check_model_source(model, config.models[model])
+    check_model_source(config.routing.stable_model, config.models[config.routing.stable_model])
     await prepare_topics(config)
     models = models or ModelPool(config)
-    for model in (await routing.current()).write_models:
-        await models.get(model)
+    async with ControlPlane(config, publish_status=True) as control:
+        state = await control.replay()
+        log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        for model in _needed_models(state):
+            await models.get(model)
+        async with MigrationWorker(config, control, backfill=role != "live") as migration:
+            await _consume(config, control, migration, models, stats, stop, on_assigned)
+    log.info(
+        "stopped: %d atoms in, outputs %s, dead letters %s",
+        stats.atoms_in,
+        dict(stats.outputs),
+        dict(stats.dead_letters),
+    )
+    return stats
+
+
+def _needed_models(state: RoutingState) -> list[str]:
+    models = list(state.routing_config().write_models)
+    if state.active is not None and state.active.target not in models:
+        models.append(state.active.target)
+    return models
+
+
+async def _consume(
+    config: Config,
+    control: ControlPlane,
+    migration: MigrationWorker,
+    models: ModelPool,
+    stats: LiveStats,
+    stop: anyio.Event,
+    on_assigned: Callable[[], None] | None,
+) -> None:
     producer = make_producer(config.kafka)
     consumer = make_consumer(config.kafka, group_id=config.kafka.group_id)
     try:
@@ -93,25 +127,19 @@ async def run_processor(
             )
 
         processor = WindowProcessor(config, models, send, stats)
-        live = LiveConsumer(config, consumer, processor, routing)
+        live = LiveConsumer(config, consumer, processor, control, migration)
         consumer.subscribe([config.topics.atoms], listener=live)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_stop_on_signals, stop)
+            tasks.start_soon(control.tail)
             if on_assigned is not None:
                 tasks.start_soon(_call_when_set, live.assigned, on_assigned)
             await live.run(stop)
             tasks.cancel_scope.cancel()
-        log.info(
-            "stopped: %d atoms in, outputs %s, dead letters %s",
-            stats.atoms_in,
-            dict(stats.outputs),
-            dict(stats.dead_letters),
-        )
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_SECS):
             await consumer.stop()
             await producer.stop()
-    return stats
 
 
 async def _stop_on_signals(stop: anyio.Event) -> None:
@@ -127,25 +155,7 @@ async def _call_when_set(event: anyio.Event, callback: Callable[[], None]) -> No
 
 
 async def read_status(config: Config) -> RoutingStatus:
-    """The latest RoutingStatus on the routing topic, or the stable routing from config."""
-    consumer = make_consumer(config.kafka, group_id=None, isolation_level="read_uncommitted")
-    latest: RoutingStatus | None = None
-    async with kafka_errors("status", config.kafka.bootstrap_servers):
-        await consumer.start()
-        try:
-            tp = TopicPartition(config.topics.routing, 0)
-            if config.topics.routing in await consumer.topics():
-                consumer.assign([tp])
-                await consumer.seek_to_beginning(tp)
-                end = (await consumer.end_offsets([tp]))[tp]
-                while await consumer.position(tp) < end:
-                    for messages in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                        for message in messages:
-                            if message.value is not None:
-                                latest = msgspec.json.decode(message.value, type=RoutingStatus)
-        finally:
-            await consumer.stop()
-    if latest is not None:
-        return latest
-    model = config.routing.stable_model
-    return RoutingStatus(query_model=model, write_models=[model], phase=RoutingPhase.STABLE)
+    """The routing rebuilt from the whole control log (what every instance computes)."""
+    await prepare_topics(config)
+    async with ControlPlane(config) as control:
+        return (await control.replay()).status()

@@ -41,11 +41,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         choices=("all", "live", "backfill"),
         default="all",
-        help="which work this instance does (default: all)",
+        help="all (default): live path plus backfill of the partitions it owns; live: live path "
+        "and handoffs only, backfill left to instances with role all; backfill: same as all "
+        "(backfill runs in the live owner of each partition, so per-key order is exact)",
     )
 
     status = commands.add_parser("status", parents=[common], help="show the current routing")
     status.add_argument("--json", action="store_true", help="print the RoutingStatus as JSON")
+    status.add_argument(
+        "--watch", action="store_true", help="keep showing phase, models and backfill progress"
+    )
+
+    control = commands.add_parser(
+        "control",
+        help="change the routing: write a command to the control log and wait for its outcome "
+        "(exit 0 accepted, 1 rejected with the reason on stderr)",
+    )
+    actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = actions.add_parser(
+        "start-migration", parents=[common], help="dual-write, backfill, then cut over to a model"
+    )
+    start.add_argument("--migration-id", required=True)
+    start.add_argument("--target", required=True, help="the model to migrate to")
+    start.add_argument("--source", help="the model to migrate from (default: the stable model)")
+    start.add_argument("--batch-size", type=int, default=100)
+    start.add_argument("--max-concurrent", type=int, default=4)
+    start.add_argument(
+        "--no-dual-write", action="store_true", help="write new atoms to the source only"
+    )
+    start.add_argument("--threshold", type=float, default=0.8, help="target_query_threshold")
+    start.add_argument("--rollback-window-secs", type=int, default=86400)
+    for action, text in (
+        ("pause", "pause backfill (dual-write continues)"),
+        ("resume", "resume a paused or failed migration"),
+        ("cancel", "cancel the migration: the source model alone again"),
+        ("rollback", "inside the rollback window: back to the source model"),
+        ("finalize", "inside the rollback window: write the target alone now"),
+    ):
+        sub = actions.add_parser(action, parents=[common], help=text)
+        sub.add_argument("--migration-id", required=True)
+        if action == "pause":
+            sub.add_argument("--reason")
 
     demo = commands.add_parser(
         "demo",
@@ -68,10 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from stream.app import run_processor
 
-            anyio.run(lambda: run_processor(config))
+            anyio.run(lambda: run_processor(config, role=args.role))
             return 0
         if args.command == "status":
-            return _status(config, as_json=args.json)
+            return _status(config, as_json=args.json, watch=args.watch)
+        if args.command == "control":
+            return _control(config, args)
         if args.command == "demo":
             from stream.demo import run_demo
 
@@ -87,9 +125,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _status(config: Config, *, as_json: bool) -> int:
+def _control(config: Config, args: argparse.Namespace) -> int:
+    from schemas import control as commands
+    from stream.operator import send_command
+
+    command: commands.ControlCommand
+    issued_by = os.environ.get("USER")
+    if args.action == "start-migration":
+        source = args.source
+        if source is None:
+            from stream.app import read_status
+
+            source = anyio.run(read_status, config).query_model
+        try:
+            backfill = msgspec.convert(
+                {
+                    "batch_size": args.batch_size,
+                    "max_concurrent": args.max_concurrent,
+                    "dual_write": not args.no_dual_write,
+                    "target_query_threshold": args.threshold,
+                    "rollback_window_secs": args.rollback_window_secs,
+                },
+                commands.BackfillConfig,
+            )
+        except msgspec.ValidationError as exc:
+            print(f"lattice-embed: control: invalid backfill settings: {exc}", file=sys.stderr)
+            return 2
+        command = commands.StartMigration(
+            migration_id=args.migration_id,
+            source_model=source,
+            target_model=args.target,
+            backfill=backfill,
+            issued_by=issued_by,
+        )
+    else:
+        kinds: dict[str, type[commands.ControlCommand]] = {
+            "pause": commands.PauseMigration,
+            "resume": commands.ResumeMigration,
+            "cancel": commands.CancelMigration,
+            "rollback": commands.Rollback,
+            "finalize": commands.Finalize,
+        }
+        extra = {"reason": args.reason} if args.action == "pause" else {}
+        command = kinds[args.action](migration_id=args.migration_id, issued_by=issued_by, **extra)
+    accepted, status = anyio.run(send_command, config, command)
+    if not accepted:
+        reason = status.last_rejection.reason if status.last_rejection else "rejected"
+        print(f"lattice-embed: control: rejected: {reason}", file=sys.stderr)
+        return 1
+    print(
+        f"accepted: phase={status.phase} state={status.state} query={status.query_model} "
+        f"write={','.join(status.write_models)}"
+    )
+    return 0
+
+
+def _status(config: Config, *, as_json: bool, watch: bool) -> int:
     from stream.app import read_status
 
+    if watch:
+        from stream.operator import watch_status
+
+        anyio.run(watch_status, config)
+        return 0
     status = anyio.run(read_status, config)
     if as_json:
         print(msgspec.json.encode(status).decode())
@@ -99,6 +197,16 @@ def _status(config: Config, *, as_json: bool) -> int:
         print(f"write models: {', '.join(status.write_models)}")
         if status.migration_id:
             print(f"migration:    {status.migration_id} ({status.state})")
+        if status.progress is not None:
+            total = "unknown" if status.progress.total is None else status.progress.total
+            print(f"backfill:     {status.progress.processed}/{total}")
+        if status.rollback_window_ends_at is not None:
+            print(f"rollback window ends at {status.rollback_window_ends_at.isoformat()}")
+        if status.last_rejection is not None:
+            rejection = status.last_rejection
+            print(
+                f"last rejection: {rejection.command} {rejection.migration_id}: {rejection.reason}"
+            )
     return 0
 
 

@@ -1,38 +1,330 @@
-"""Routing: which models an atom is written to and which model answers queries. Pure."""
+"""The migration state machine: pure functions of (state, control event, record time).
+
+Every instance replays the control log through `apply` and so computes the same routing
+(G5). Time is the control record's broker timestamp, never a clock read here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from types import MappingProxyType
 
-from schemas.routing import EmbeddingRoute, EmbeddingRoutingConfig, RoutingPhase
+from schemas.control import (
+    BackfillConfig,
+    BackfillProgress,
+    CancelMigration,
+    ControlEvent,
+    Finalize,
+    HandoffRecorded,
+    MigrationFailed,
+    PauseMigration,
+    ResumeMigration,
+    Rollback,
+    StartMigration,
+    WindowClosed,
+)
+from schemas.routing import (
+    EmbeddingRoute,
+    EmbeddingRoutingConfig,
+    MigrationState,
+    Progress,
+    Rejection,
+    RoutingPhase,
+    RoutingStatus,
+)
+
+ACTIVE = (MigrationState.IN_PROGRESS, MigrationState.PAUSED, MigrationState.FAILED)
+_EMPTY: Mapping[int, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
-class RouteSnapshot:
-    """The routing one live batch runs under, taken after the batch was fetched."""
+class Migration:
+    """One migration as the control log has shaped it so far."""
 
-    query_model: str
-    write_models: tuple[str, ...]
-    phase: RoutingPhase = RoutingPhase.STABLE
-    migration_id: str | None = None
+    migration_id: str
+    source: str
+    target: str
+    backfill: BackfillConfig
+    state: MigrationState = MigrationState.IN_PROGRESS
+    epoch: int = 0
+    partitions: int | None = None
+    handoffs: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
+    log_starts: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
+    backfilled: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
+    query_frozen: str | None = None
+    cutover_at: datetime | None = None
+    window_ends_at: datetime | None = None
+    window_closed: bool = False
+
+    @property
+    def progress(self) -> Progress:
+        """processed/total of backfill events; total None until every partition has a handoff."""
+        processed = sum(
+            min(max(self.backfilled.get(p, start), start), self.handoffs[p]) - start
+            for p, start in self.log_starts.items()
+        )
+        if self.partitions is None or len(self.handoffs) < self.partitions:
+            return Progress(processed=processed, total=None)
+        total = sum(self.handoffs[p] - self.log_starts[p] for p in self.handoffs)
+        return Progress(processed=processed, total=total)
+
+    @property
+    def backfill_done(self) -> bool:
+        """Every partition has a handoff and is backfilled up to it (total 0 counts)."""
+        progress = self.progress
+        return progress.total is not None and progress.processed >= progress.total
+
+    @property
+    def threshold_reached(self) -> bool:
+        """Backfill progress has reached `target_query_threshold`."""
+        progress = self.progress
+        if progress.total is None:
+            return False
+        if progress.total == 0:
+            return True
+        return progress.processed / progress.total >= self.backfill.target_query_threshold
+
+    @property
+    def dual_writing(self) -> bool:
+        """The live path writes the target too (so handoffs must be recorded)."""
+        if self.state in (MigrationState.IN_PROGRESS, MigrationState.PAUSED):
+            return self.backfill.dual_write
+        return self.state is MigrationState.COMPLETED and not self.window_closed
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingState:
+    """The routing rebuilt from the control log."""
+
+    stable_model: str
+    models: frozenset[str]
+    migration: Migration | None = None
+    used_ids: frozenset[str] = frozenset()
     control_offset: int | None = None
+    updated_at: datetime | None = None
+    last_rejection: Rejection | None = None
+
+    @property
+    def active(self) -> Migration | None:
+        """The migration that still shapes the routing beyond the stable model, if any."""
+        migration = self.migration
+        if migration is None:
+            return None
+        if migration.state in ACTIVE:
+            return migration
+        if migration.state is MigrationState.COMPLETED and not migration.window_closed:
+            return migration
+        return None
+
+    def routing_config(self) -> EmbeddingRoutingConfig:
+        """The original design's full routing config: query model, write models, phase."""
+        migration = self.active
+        if migration is None:
+            return EmbeddingRoutingConfig(
+                query_model=self.stable_model, write_models=(self.stable_model,)
+            )
+        source, target = migration.source, migration.target
+        if migration.state is MigrationState.COMPLETED:
+            return EmbeddingRoutingConfig(
+                query_model=target,
+                write_models=(source, target),
+                phase=RoutingPhase.ROLLBACK_WINDOW,
+            )
+        if migration.state is MigrationState.FAILED:
+            return EmbeddingRoutingConfig(query_model=source, write_models=(source,))
+        if migration.state is MigrationState.PAUSED and migration.query_frozen is not None:
+            query = migration.query_frozen
+        else:
+            query = target if migration.threshold_reached else source
+        writes = (source, target) if migration.backfill.dual_write else (source,)
+        return EmbeddingRoutingConfig(
+            query_model=query, write_models=writes, phase=RoutingPhase.MIGRATING
+        )
 
     def route_new_atom(self) -> EmbeddingRoute:
         """The original design's question: where does a new atom go?"""
-        primary, *rest = self.write_models
+        primary, *rest = self.routing_config().write_models
         return EmbeddingRoute(primary=primary, secondary=rest[0] if rest else None)
 
     def route_query(self) -> str:
         """The original design's question: which model answers a query?"""
-        return self.query_model
+        return self.routing_config().query_model
 
-    def routing_config(self) -> EmbeddingRoutingConfig:
-        """The original design's full routing config."""
-        return EmbeddingRoutingConfig(
-            query_model=self.query_model, write_models=self.write_models, phase=self.phase
+    def status(self) -> RoutingStatus:
+        """The RoutingStatus published on the routing topic."""
+        config = self.routing_config()
+        migration = self.migration
+        return RoutingStatus(
+            query_model=config.query_model,
+            write_models=list(config.write_models),
+            phase=config.phase,
+            migration_id=migration.migration_id if migration else None,
+            state=migration.state if migration else None,
+            progress=migration.progress if migration else None,
+            rollback_window_ends_at=migration.window_ends_at if migration else None,
+            control_offset=self.control_offset,
+            updated_at=self.updated_at,
+            last_rejection=self.last_rejection,
         )
 
 
-def stable_snapshot(model: str) -> RouteSnapshot:
-    """Routing with no migration: one model for writes and queries."""
-    return RouteSnapshot(query_model=model, write_models=(model,))
+def initial_state(stable_model: str, models: frozenset[str] | set[str]) -> RoutingState:
+    """The routing before any control record: the stable model alone."""
+    return RoutingState(stable_model=stable_model, models=frozenset(models))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Exception):
+    """A control event that is not legal now; the state stays as it was."""
+
+    reason: str = field(default="")
+
+
+def apply(state: RoutingState, event: ControlEvent, offset: int, at: datetime) -> RoutingState:
+    """Apply one control record. Illegal commands are recorded in `last_rejection` only."""
+    try:
+        applied = _transition(state, event, at)
+    except Rejected as rejected:
+        if isinstance(event, (HandoffRecorded, BackfillProgress, WindowClosed, MigrationFailed)):
+            # Internal events that lost a race (e.g. progress after cancel) change nothing.
+            return replace(state, control_offset=offset)
+        return replace(
+            state,
+            control_offset=offset,
+            updated_at=at,
+            last_rejection=Rejection(
+                command=type(event).__struct_config__.tag,  # type: ignore[arg-type]
+                command_id=event.command_id,
+                migration_id=event.migration_id,
+                reason=rejected.reason,
+                at=at,
+            ),
+        )
+    return replace(applied, control_offset=offset, updated_at=at)
+
+
+def reject_malformed(state: RoutingState, offset: int, at: datetime, reason: str) -> RoutingState:
+    """A control record that does not decode: recorded as a rejection, nothing else changes."""
+    return replace(
+        state,
+        control_offset=offset,
+        updated_at=at,
+        last_rejection=Rejection(command="unknown", reason=f"malformed command: {reason}", at=at),
+    )
+
+
+def _transition(state: RoutingState, event: ControlEvent, at: datetime) -> RoutingState:
+    if isinstance(event, StartMigration):
+        return _start(state, event)
+    migration = state.migration
+    if migration is None or migration.migration_id != event.migration_id:
+        raise Rejected(f"no migration {event.migration_id}")
+    updated = _migration_transition(state, migration, event, at)
+    if updated.state is MigrationState.IN_PROGRESS and updated.backfill_done:
+        updated = replace(
+            updated,
+            state=MigrationState.COMPLETED,
+            cutover_at=at,
+            window_ends_at=at + timedelta(seconds=updated.backfill.rollback_window_secs),
+        )
+    stable = state.stable_model
+    if updated.state in (MigrationState.FINALIZED,) or (
+        updated.state is MigrationState.COMPLETED and updated.window_closed
+    ):
+        stable = updated.target
+    return replace(state, migration=updated, stable_model=stable)
+
+
+def _start(state: RoutingState, event: StartMigration) -> RoutingState:
+    if state.active is not None:
+        raise Rejected(
+            f"migration {state.active.migration_id} is {state.active.state}; "
+            "start is legal only when no migration is active"
+        )
+    if event.migration_id in state.used_ids:
+        raise Rejected(f"migration id {event.migration_id} was used before")
+    if event.source_model != state.stable_model:
+        raise Rejected(
+            f"source_model {event.source_model} is not the stable model {state.stable_model}"
+        )
+    if event.target_model not in state.models:
+        raise Rejected(f"unknown model {event.target_model}")
+    if event.target_model == event.source_model:
+        raise Rejected("target_model must differ from source_model")
+    migration = Migration(
+        migration_id=event.migration_id,
+        source=event.source_model,
+        target=event.target_model,
+        backfill=event.backfill,
+    )
+    return replace(state, migration=migration, used_ids=state.used_ids | {event.migration_id})
+
+
+def _migration_transition(
+    state: RoutingState, migration: Migration, event: ControlEvent, at: datetime
+) -> Migration:
+    current = migration.state
+    window_open = current is MigrationState.COMPLETED and not migration.window_closed
+    if isinstance(event, PauseMigration):
+        _require(current is MigrationState.IN_PROGRESS, "pause", current)
+        query = state.routing_config().query_model
+        return replace(migration, state=MigrationState.PAUSED, query_frozen=query)
+    if isinstance(event, ResumeMigration):
+        _require(current in (MigrationState.PAUSED, MigrationState.FAILED), "resume", current)
+        if current is MigrationState.FAILED:
+            # Writes were source-only while failed: record new handoffs so backfill covers them.
+            return replace(
+                migration,
+                state=MigrationState.IN_PROGRESS,
+                epoch=migration.epoch + 1,
+                handoffs=MappingProxyType({}),
+                partitions=None,
+                query_frozen=None,
+            )
+        return replace(migration, state=MigrationState.IN_PROGRESS, query_frozen=None)
+    if isinstance(event, CancelMigration):
+        _require(current in ACTIVE, "cancel", current)
+        return replace(migration, state=MigrationState.CANCELLED)
+    if isinstance(event, Rollback):
+        _require(window_open, "rollback", current, "completed with the rollback window open")
+        return replace(migration, state=MigrationState.ROLLED_BACK)
+    if isinstance(event, Finalize):
+        _require(window_open, "finalize", current, "completed with the rollback window open")
+        return replace(migration, state=MigrationState.FINALIZED, window_closed=True)
+    if isinstance(event, WindowClosed):
+        _require(window_open, "window_closed", current)
+        return replace(migration, window_closed=True)
+    if isinstance(event, MigrationFailed):
+        _require(current is MigrationState.IN_PROGRESS, "fail", current)
+        return replace(migration, state=MigrationState.FAILED)
+    if isinstance(event, HandoffRecorded):
+        _require(current in ACTIVE and event.epoch == migration.epoch, "handoff", current)
+        if event.partition in migration.handoffs:
+            return migration  # the first handoff recorded for a partition wins
+        return replace(
+            migration,
+            partitions=event.partitions,
+            handoffs=_with(migration.handoffs, event.partition, event.offset),
+            log_starts=_with(
+                migration.log_starts,
+                event.partition,
+                migration.log_starts.get(event.partition, event.log_start),
+            ),
+        )
+    if isinstance(event, BackfillProgress):
+        _require(current in ACTIVE, "backfill progress", current)
+        done = max(migration.backfilled.get(event.partition, 0), event.offset)
+        return replace(migration, backfilled=_with(migration.backfilled, event.partition, done))
+    raise Rejected(f"unsupported command {type(event).__name__}")
+
+
+def _require(legal: bool, what: str, state: MigrationState, needs: str = "") -> None:
+    if not legal:
+        detail = f" (needs {needs})" if needs else ""
+        raise Rejected(f"cannot {what} a migration that is {state}{detail}")
+
+
+def _with(mapping: Mapping[int, int], key: int, value: int) -> Mapping[int, int]:
+    return MappingProxyType({**mapping, key: value})

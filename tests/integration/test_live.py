@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import numpy as np
 import pytest
 
 from schemas.embeddings import EmbeddingRecord
-from stream.app import run_processor
-from stream.config import Config
 from stream.corpus import sample_texts
-from stream.live import LiveStats
 from tests.support.kafka import (
     atom_value,
     collect,
@@ -27,6 +22,7 @@ from tests.support.kafka import (
     produce,
     unique,
 )
+from tests.support.processor import processor
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -39,24 +35,6 @@ DLQ_HEADERS = {
     "lattice.dlq.error-class",
     "lattice.dlq.error",
 }
-
-
-@asynccontextmanager
-async def processor(config: Config) -> AsyncIterator[LiveStats]:
-    """Run the processor in this event loop; stop it (draining) on exit."""
-    stop = anyio.Event()
-    stats = LiveStats()
-    async with anyio.create_task_group() as tasks:
-
-        async def run() -> None:
-            result = await run_processor(config, stop=stop)
-            stats.__dict__.update(result.__dict__)
-
-        tasks.start_soon(run)
-        try:
-            yield stats
-        finally:
-            stop.set()
 
 
 def keys(n: int) -> Callable[[list[Any]], bool]:

@@ -1,0 +1,240 @@
+"""Migration work done by the live owner of each partition: handoffs and backfill.
+
+The instance that owns a partition in the consumer group records its handoff (the first
+offset processed under dual-write), and replays [log_start, handoff) with the target model
+in batches interleaved between its live windows. Because one task emits both the live and
+the backfill records of a partition, the skip rule is exact: a backfill record is never
+written for a key that the live path already wrote since the handoff, so an update or
+delete during the migration is never staled or resurrected (G4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import anyio
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.atoms import InvalidAtom, decode_atom
+from schemas.control import BackfillProgress, HandoffRecorded
+from schemas.routing import MigrationState
+from stream.config import Config
+from stream.control import ControlPlane
+from stream.deadletter import SourceRecord
+from stream.kafka.clients import make_consumer
+from stream.pipeline import WindowProcessor, to_source_record
+from stream.routing import Migration, RoutingState
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_INTERVAL_SECS = 1.0
+
+
+@dataclass
+class _Partition:
+    """What this instance knows about one owned partition for the current migration."""
+
+    handoff: int
+    next_offset: int
+    live_keys: set[str]
+    checkpointed: int
+    checkpointed_at: float = 0.0
+
+
+class MigrationWorker:
+    """Handoffs, the live-key skip set, and backfill batches for the partitions owned here."""
+
+    def __init__(self, config: Config, control: ControlPlane, *, backfill: bool = True) -> None:
+        self._config = config
+        self._control = control
+        self._backfill_enabled = backfill
+        self._reader: AIOKafkaConsumer = make_consumer(
+            config.kafka, group_id=None, isolation_level="read_committed"
+        )
+        self._key: tuple[str, int] | None = None
+        self._partitions: dict[int, _Partition] = {}
+        self.backfilled_events = 0
+        self.has_pending_backfill = False
+
+    async def __aenter__(self) -> MigrationWorker:
+        await self._reader.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self._reader.stop()
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions revoked: their next owner rebuilds what it needs from the log."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+
+    async def before_window(
+        self,
+        state: RoutingState,
+        consumer: AIOKafkaConsumer,
+        records: Sequence[SourceRecord],
+    ) -> RoutingState:
+        """Record handoffs for owned partitions that dual-write without one; return the state."""
+        migration = state.active
+        if migration is None or not migration.dual_writing:
+            return state
+        topic = self._config.topics.atoms
+        assigned = sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
+        missing = [p for p in assigned if p not in migration.handoffs]
+        if not missing:
+            return state
+        first_in_window: dict[int, int] = {}
+        for record in records:
+            first_in_window[record.partition] = min(
+                first_in_window.get(record.partition, record.offset), record.offset
+            )
+        tps = [TopicPartition(topic, p) for p in missing]
+        starts = await consumer.beginning_offsets(tps)
+        partitions = len(consumer.partitions_for_topic(topic) or assigned)
+        last = -1
+        for tp in tps:
+            offset = first_in_window.get(tp.partition)
+            if offset is None:
+                offset = await consumer.position(tp)
+            last = await self._control.append(
+                HandoffRecorded(
+                    migration_id=migration.migration_id,
+                    epoch=migration.epoch,
+                    partition=tp.partition,
+                    offset=offset,
+                    log_start=min(int(starts[tp]), offset),
+                    partitions=partitions,
+                )
+            )
+            log.info(
+                "handoff %s partition %d at offset %d", migration.migration_id, tp.partition, offset
+            )
+        return await self._control.wait_applied(last)
+
+    def after_window(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
+        """Remember the keys written live at or after each owned partition's handoff."""
+        migration = state.active
+        if migration is None:
+            return
+        for record in records:
+            entry = self._partitions.get(record.partition)
+            if entry is not None and record.offset >= entry.handoff:
+                atom_id = _atom_id(record, self._config.limits.max_event_bytes)
+                if atom_id is not None:
+                    entry.live_keys.add(atom_id)
+
+    async def step(
+        self, state: RoutingState, consumer: AIOKafkaConsumer, processor: WindowProcessor
+    ) -> bool:
+        """Run up to `max_concurrent` backfill batches for owned partitions; True if it did work."""
+        migration = state.active
+        if (
+            not self._backfill_enabled
+            or migration is None
+            or migration.state is not MigrationState.IN_PROGRESS
+        ):
+            self.has_pending_backfill = False
+            return False
+        self._reset_if_new(migration)
+        topic = self._config.topics.atoms
+        pending: list[int] = []
+        for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
+            if tp.topic != topic or tp.partition not in migration.handoffs:
+                continue
+            if migration.backfilled.get(tp.partition, 0) >= migration.handoffs[tp.partition]:
+                continue
+            entry = await self._entry(migration, tp, consumer)
+            if entry.next_offset < entry.handoff:
+                pending.append(tp.partition)
+        self.has_pending_backfill = bool(pending)
+        if not pending:
+            return False
+        for partition in pending[: migration.backfill.max_concurrent]:
+            await self._batch(migration, partition, processor)
+        return True
+
+    async def _entry(
+        self, migration: Migration, tp: TopicPartition, consumer: AIOKafkaConsumer
+    ) -> _Partition:
+        entry = self._partitions.get(tp.partition)
+        if entry is None:
+            handoff = migration.handoffs[tp.partition]
+            start = max(
+                migration.backfilled.get(tp.partition, 0), migration.log_starts[tp.partition]
+            )
+            position = await consumer.position(tp)
+            # Keys written live since the handoff by earlier owners: the tail [handoff, position).
+            tail = await self._read(tp.partition, handoff, position)
+            keys = {
+                atom_id
+                for record in tail
+                if (atom_id := _atom_id(record, self._config.limits.max_event_bytes)) is not None
+            }
+            entry = _Partition(
+                handoff=handoff, next_offset=start, live_keys=keys, checkpointed=start
+            )
+            self._partitions[tp.partition] = entry
+        return entry
+
+    async def _batch(
+        self, migration: Migration, partition: int, processor: WindowProcessor
+    ) -> None:
+        entry = self._partitions[partition]
+        end = min(entry.next_offset + migration.backfill.batch_size, entry.handoff)
+        records = await self._read(partition, entry.next_offset, end)
+        keep = [
+            r
+            for r in records
+            if (atom_id := _atom_id(r, self._config.limits.max_event_bytes)) is not None
+            and atom_id not in entry.live_keys
+        ]
+        if keep:
+            await processor.process(
+                keep, (migration.target,), migration.migration_id, path="backfill"
+            )
+        self.backfilled_events += end - entry.next_offset
+        entry.next_offset = end
+        now = time.monotonic()
+        if end >= entry.handoff or now - entry.checkpointed_at >= CHECKPOINT_INTERVAL_SECS:
+            await self._control.append(
+                BackfillProgress(
+                    migration_id=migration.migration_id,
+                    epoch=migration.epoch,
+                    partition=partition,
+                    offset=end,
+                )
+            )
+            entry.checkpointed, entry.checkpointed_at = end, now
+
+    async def _read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
+        """Records of one atoms partition in [start, end)."""
+        if start >= end:
+            return []
+        tp = TopicPartition(self._config.topics.atoms, partition)
+        self._reader.assign([tp])
+        self._reader.seek(tp, start)
+        records: list[SourceRecord] = []
+        while await self._reader.position(tp) < end:
+            fetched = await self._reader.getmany(tp, timeout_ms=1000)
+            for message in fetched.get(tp, []):
+                if message.offset < end:
+                    records.append(to_source_record(message))
+        return records
+
+    def _reset_if_new(self, migration: Migration) -> None:
+        key = (migration.migration_id, migration.epoch)
+        if key != self._key:
+            self._key = key
+            self._partitions.clear()
+
+
+def _atom_id(record: SourceRecord, max_event_bytes: int) -> str | None:
+    """The atom a record is about, or None when it is invalid (skipped by backfill)."""
+    try:
+        return decode_atom(record.key, record.value, max_event_bytes=max_event_bytes).atom_id
+    except InvalidAtom:
+        return None

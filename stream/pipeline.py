@@ -1,0 +1,316 @@
+"""One window of input records -> acknowledged outputs and dead letters.
+
+Inside a window, texts are embedded in length-sorted micro-batches and each micro-batch is
+produced as soon as it is embedded, keeping per-key order (`InOrderRelease`). The live path
+and backfill both use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+
+from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage, decode_atom
+from schemas.embeddings import Path, SourceRef
+from stream.batching import InOrderRelease, plan_micro_batches
+from stream.config import Config
+from stream.deadletter import SourceRecord, dead_letter
+from stream.embedder import Embedder, Tokenized, Vectors
+from stream.models import ModelPool
+from stream.output import OutputRecord, embedding_output, tombstone_output
+
+log = logging.getLogger(__name__)
+
+# Errors that belong to one record: retrying cannot help, so the input becomes a dead letter.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+
+
+class RetryWindow(Exception):
+    """A transient produce failure: the window must be processed again from its start."""
+
+
+@dataclass
+class LiveStats:
+    """Counters of the live path, for progress, logs and metrics."""
+
+    atoms_in: int = 0
+    windows: int = 0
+    outputs: Counter[str] = field(default_factory=Counter)
+    tombstones: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    truncated: Counter[str] = field(default_factory=Counter)
+    embed_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+Send = Callable[
+    [str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None], Awaitable[Any]
+]
+
+
+@dataclass
+class _Window:
+    records: Sequence[SourceRecord]
+    path: Path
+    migration_id: str | None
+    events: dict[int, AtomEvent] = field(default_factory=dict)
+    dead: set[int] = field(default_factory=set)
+    acks: list[tuple[Any, int, str]] = field(default_factory=list)
+
+
+class WindowProcessor:
+    """Turns one window of input records into acknowledged outputs and dead letters."""
+
+    def __init__(self, config: Config, models: ModelPool, send: Send, stats: LiveStats) -> None:
+        self._config = config
+        self._models = models
+        self._send = send
+        self._stats = stats
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def process(
+        self,
+        records: Sequence[SourceRecord],
+        write_models: Sequence[str],
+        migration_id: str | None,
+        *,
+        path: Path = "live",
+    ) -> None:
+        """Produce every output of `records` and wait for the acknowledgements.
+
+        On the live path invalid records become dead letters; on the backfill path they are
+        skipped (the live path dead-lettered them already). Raises `RetryWindow` when a send
+        failed for a reason that a retry can fix.
+        """
+        window = _Window(records, path=path, migration_id=migration_id)
+        for position, record in enumerate(records):
+            try:
+                window.events[position] = decode_atom(
+                    record.key, record.value, max_event_bytes=self._config.limits.max_event_bytes
+                )
+            except InvalidAtom as exc:
+                if path == "backfill":
+                    window.dead.add(position)
+                    continue
+                cause = type(exc.__cause__).__name__ if exc.__cause__ else type(exc).__name__
+                await self._dead_letter(window, position, exc.stage, cause, exc.reason)
+        if path == "live":
+            self._stats.atoms_in += len(records)
+        plans = [(model, await self._models.get(model)) for model in write_models]
+        tokenized = {}
+        for model, embedder in plans:
+            tokenized[model] = await self._tokenize(window, model, embedder)
+        for model, embedder in plans:
+            await self._embed_and_send(window, model, embedder, *tokenized[model])
+        await self._await_acks(window)
+
+    async def _tokenize(
+        self, window: _Window, model: str, embedder: Embedder
+    ) -> tuple[list[str], list[list[int]], Tokenized]:
+        """Tokenize each distinct text once; dead-letter or count the overlong ones."""
+        positions_of: dict[str, list[int]] = defaultdict(list)
+        for position, event in window.events.items():
+            if isinstance(event, AtomCreated) and position not in window.dead:
+                positions_of[event.text].append(position)
+        texts = list(positions_of)
+        tokens = await anyio.to_thread.run_sync(
+            lambda: embedder.tokenize(texts), limiter=self._limiter
+        )
+        for text, long in zip(texts, tokens.overlong, strict=True):
+            if not long:
+                continue
+            if self._config.limits.on_overlong == "dead_letter":
+                for position in positions_of[text]:
+                    await self._dead_letter(
+                        window,
+                        position,
+                        "validate",
+                        "OverlongInput",
+                        f"text needs more than {embedder.config.max_tokens} tokens "
+                        f"(models.{model}.max_tokens) and limits.on_overlong is dead_letter",
+                    )
+            else:
+                self._stats.truncated[model] += len(positions_of[text])
+        return texts, [positions_of[text] for text in texts], tokens
+
+    async def _embed_and_send(
+        self,
+        window: _Window,
+        model: str,
+        embedder: Embedder,
+        texts: list[str],
+        positions: list[list[int]],
+        tokens: Tokenized,
+    ) -> None:
+        live = [p for p in sorted(window.events) if p not in window.dead]
+        keys = [window.events[p].atom_id for p in live]
+        release = InOrderRelease(keys)
+        slot = {position: index for index, position in enumerate(live)}
+        vectors: dict[int, Vectors] = {}
+
+        async def finish(done: list[int]) -> None:
+            for index in release.finish(slot[p] for p in done if p in slot):
+                await self._emit(window, live[index], model, embedder, vectors)
+
+        await finish([p for p in live if not isinstance(window.events[p], AtomCreated)])
+        batches = plan_micro_batches(
+            tokens.lengths,
+            max_atoms=self._config.batching.micro_batch_atoms,
+            max_tokens=self._config.batching.max_batch_tokens,
+        )
+        for batch in batches:
+            batch = [i for i in batch if any(p not in window.dead for p in positions[i])]
+            if not batch:
+                continue
+            rows = await self._embed_batch(window, model, embedder, tokens, batch, positions)
+            for i, row in rows.items():
+                for position in positions[i]:
+                    vectors[position] = row
+            await finish([p for i in batch for p in positions[i]])
+        if not release.done:
+            raise AssertionError(f"window left unreleased items for model {model}")
+
+    async def _embed_batch(
+        self,
+        window: _Window,
+        model: str,
+        embedder: Embedder,
+        tokens: Tokenized,
+        batch: list[int],
+        positions: list[list[int]],
+    ) -> dict[int, Vectors]:
+        """Embed one micro-batch with retries; isolate and dead-letter inputs that still fail."""
+        retries = self._config.batching.embed_retries
+        for attempt in range(retries + 1):
+            try:
+                rows = await self._run_model(model, embedder, tokens, batch)
+                return dict(zip(batch, rows, strict=True))
+            except Exception as exc:
+                log.warning(
+                    "model %s failed on a batch of %d (attempt %d/%d): %r",
+                    model,
+                    len(batch),
+                    attempt + 1,
+                    retries + 1,
+                    exc,
+                )
+        rows_by_index: dict[int, Vectors] = {}
+        for i in batch:
+            try:
+                rows_by_index[i] = (await self._run_model(model, embedder, tokens, [i]))[0]
+            except Exception as exc:
+                for position in positions[i]:
+                    await self._dead_letter(window, position, "embed", type(exc).__name__, str(exc))
+        return rows_by_index
+
+    async def _run_model(
+        self, model: str, embedder: Embedder, tokens: Tokenized, batch: list[int]
+    ) -> Vectors:
+        subset = Tokenized(
+            input_ids=[tokens.input_ids[i] for i in batch],
+            overlong=[tokens.overlong[i] for i in batch],
+        )
+        vectors, stats = await anyio.to_thread.run_sync(
+            embedder.embed_tokens, subset, limiter=self._limiter
+        )
+        self._stats.embed_seconds[model] += stats.seconds
+        return vectors
+
+    async def _emit(
+        self,
+        window: _Window,
+        position: int,
+        model: str,
+        embedder: Embedder,
+        vectors: dict[int, Vectors],
+    ) -> None:
+        if position in window.dead:
+            return
+        record = window.records[position]
+        event = window.events[position]
+        source = SourceRef(topic=record.topic, partition=record.partition, offset=record.offset)
+        output: OutputRecord
+        if isinstance(event, AtomCreated):
+            output = embedding_output(
+                atom_id=event.atom_id,
+                model=model,
+                vector=vectors[position],
+                normalized=embedder.config.normalize,
+                source=source,
+                path=window.path,
+                migration_id=window.migration_id,
+                embedded_at=datetime.now(UTC),
+            )
+            self._stats.outputs[f"{model}/{window.path}"] += 1
+        else:
+            output = tombstone_output(atom_id=event.atom_id, model=model, source=source)
+            self._stats.tombstones[model] += 1
+        topic = self._config.topics.embeddings(model)
+        try:
+            ack = await self._send(topic, output.key, output.value, output.headers, None)
+        except RECORD_ERRORS as exc:
+            await self._dead_letter(window, position, "produce", type(exc).__name__, str(exc))
+            return
+        window.acks.append((ack, position, model))
+
+    async def _dead_letter(
+        self, window: _Window, position: int, stage: Stage, error_class: str, reason: str
+    ) -> None:
+        """Exactly one dead letter per bad input offset."""
+        if position in window.dead:
+            return
+        window.dead.add(position)
+        letter = dead_letter(window.records[position], stage, error_class, reason)
+        self._stats.dead_letters[stage] += 1
+        log.info(
+            "dead letter %s/%d/%d stage=%s: %s",
+            window.records[position].topic,
+            window.records[position].partition,
+            window.records[position].offset,
+            stage,
+            reason,
+        )
+        ack = await self._send(
+            self._config.topics.dlq, letter.key, letter.value, letter.headers, letter.timestamp_ms
+        )
+        window.acks.append((ack, position, ""))
+
+    async def _await_acks(self, window: _Window) -> None:
+        """Wait for every send; record-specific failures become dead letters, others retry."""
+        while window.acks:
+            acks, window.acks = window.acks, []
+            for ack, position, model in acks:
+                try:
+                    await ack
+                except RECORD_ERRORS as exc:
+                    if not model:
+                        raise RetryWindow(f"dead letter could not be written: {exc!r}") from exc
+                    await self._dead_letter(
+                        window, position, "produce", type(exc).__name__, str(exc)
+                    )
+                except KafkaError as exc:
+                    raise RetryWindow(f"send to {model or 'dlq'} failed: {exc!r}") from exc
+
+
+def to_source_record(message: Any) -> SourceRecord:
+    """Adapt an aiokafka ConsumerRecord."""
+    return SourceRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=tuple(message.headers or ()),
+        timestamp_ms=message.timestamp,
+    )

@@ -1,0 +1,176 @@
+"""Model migration on the real broker: dual-write, backfill, cutover, rollback, finalize."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from schemas.control import (
+    BackfillConfig,
+    Rollback,
+    StartMigration,
+)
+from schemas.embeddings import EmbeddingRecord
+from schemas.routing import MigrationState, RoutingPhase
+from stream.config import Config
+from stream.operator import send_command
+from tests.support.kafka import (
+    atom_value,
+    committed,
+    create_topic,
+    delete_value,
+    end_offsets,
+    produce,
+    read_all,
+    unique,
+)
+from tests.support.processor import processor, wait_for_routing
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+PARTITIONS = 3
+
+
+def start(migration_id: str, **backfill: Any) -> StartMigration:
+    return StartMigration(
+        migration_id=migration_id,
+        source_model="tiny",
+        target_model="tinyb",
+        backfill=msgspec.convert({"batch_size": 40, **backfill}, type=BackfillConfig),
+    )
+
+
+class History:
+    """A deterministic stream of creates, updates and deletes, and what it should leave."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.next_id = 0
+        self.live: set[str] = set()
+
+    def events(self, count: int, *, churn: float) -> list[tuple[bytes, bytes]]:
+        out = []
+        for _ in range(count):
+            roll = self.rng.random()
+            if self.live and roll < churn / 2:
+                atom_id = self.rng.choice(sorted(self.live))
+                out.append((atom_id.encode(), delete_value(atom_id)))
+                self.live.discard(atom_id)
+            elif self.live and roll < churn:
+                atom_id = self.rng.choice(sorted(self.live))
+                text = f"update {self.rng.randint(0, 10**6)} of {atom_id}"
+                out.append((atom_id.encode(), atom_value(atom_id, text)))
+            else:
+                atom_id = f"a-{self.next_id}"
+                self.next_id += 1
+                self.live.add(atom_id)
+                text = f"atom {atom_id} says {self.rng.randint(0, 10**6)}"
+                out.append((atom_id.encode(), atom_value(atom_id, text)))
+        return out
+
+
+def expected_final(atoms_records: Iterable[Any]) -> dict[str, tuple[int, int] | None]:
+    """From-scratch replay of atoms: per key, the (partition, offset) of its last event, or
+    None when the atom is deleted."""
+    final: dict[str, tuple[int, int] | None] = {}
+    for record in atoms_records:
+        key = record.key.decode()
+        value = record.value
+        deleted = value is None or b'"atom.deleted"' in value
+        final[key] = None if deleted else (record.partition, record.offset)
+    return final
+
+
+def model_final(records: Iterable[Any]) -> dict[str, tuple[int, int] | None]:
+    """Per key, the last record in log order: (partition, source offset), or None."""
+    final: dict[str, tuple[int, int] | None] = {}
+    for record in records:
+        key = record.key.decode()
+        if record.value is None:
+            final[key] = None
+        else:
+            source = msgspec.json.decode(record.value, type=EmbeddingRecord).source
+            final[key] = (source.partition, source.offset)
+    return final
+
+
+def highest_offset_final(records: Iterable[Any]) -> dict[str, tuple[int, int] | None]:
+    """Per key, the record with the highest source offset (a last-writer-wins sink)."""
+    best: dict[str, tuple[int, Any]] = {}
+    for record in records:
+        source = dict(record.headers)["lattice.source-offset"].decode().rsplit("/", 1)
+        offset = int(source[1])
+        key = record.key.decode()
+        if key not in best or offset >= best[key][0]:
+            best[key] = (offset, record)
+    return model_final(record for _, record in best.values())
+
+
+def live_only(final: dict[str, tuple[int, int] | None]) -> dict[str, tuple[int, int]]:
+    return {k: v for k, v in final.items() if v is not None}
+
+
+async def drained(bootstrap: str, config: Config, atoms: str) -> None:
+    """Wait until the group has committed every atom produced so far."""
+    ends = await end_offsets(bootstrap, atoms, PARTITIONS)
+    with anyio.fail_after(120):
+        while await committed(bootstrap, config.kafka.group_id, atoms, PARTITIONS) != ends:
+            await anyio.sleep(0.2)
+
+
+def phase_is(phase: RoutingPhase) -> Any:
+    return lambda state: state.routing_config().phase is phase
+
+
+@pytest.fixture
+def migration_config(make_config: Any, tiny_model: Any, tiny_model_b: Any) -> Any:
+    def factory(atoms: str) -> tuple[Config, Any]:
+        return make_config(
+            atoms,
+            models={"tiny": tiny_model, "tinyb": tiny_model_b},
+            extra="[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n",
+        )
+
+    return factory
+
+
+@pytest.mark.timeout(240)
+async def test_migration_then_rollback_keeps_every_atom(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    config, _ = migration_config(atoms)
+    history = History(seed=3)
+    await produce(bootstrap, atoms, history.events(400, churn=0.3))
+    async with processor(config):
+        await drained(bootstrap, config, atoms)
+        accepted, status = await send_command(config, start("m1", rollback_window_secs=3600))
+        assert accepted and status.phase is RoutingPhase.MIGRATING
+        assert status.write_models == ["tiny", "tinyb"] and status.query_model == "tiny"
+        for _ in range(5):
+            await produce(bootstrap, atoms, history.events(40, churn=0.5))
+        state = await wait_for_routing(config, phase_is(RoutingPhase.ROLLBACK_WINDOW), within=120)
+        assert state.migration is not None and state.migration.state is MigrationState.COMPLETED
+        assert state.migration.progress.total is not None and state.migration.progress.total >= 400
+        assert state.route_query() == "tinyb"
+        await produce(bootstrap, atoms, history.events(60, churn=0.5))
+        await drained(bootstrap, config, atoms)
+        expected = live_only(expected_final(await read_all(bootstrap, atoms)))
+        target = await read_all(bootstrap, config.topics.embeddings("tinyb"))
+        assert live_only(model_final(target)) == expected, "G2/G4: target complete and fresh"
+        assert live_only(highest_offset_final(target)) == expected, "G4: by source offset"
+
+        accepted, status = await send_command(config, Rollback(migration_id="m1"))
+        assert accepted and status.state is MigrationState.ROLLED_BACK
+        assert status.write_models == ["tiny"] and status.query_model == "tiny"
+        await produce(bootstrap, atoms, history.events(60, churn=0.5))
+        await drained(bootstrap, config, atoms)
+    expected = live_only(expected_final(await read_all(bootstrap, atoms)))
+    source = await read_all(bootstrap, config.topics.embeddings("tiny"))
+    assert live_only(model_final(source)) == expected, "G3: source holds every live atom"
