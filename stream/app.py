@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
 
 import anyio
 
@@ -15,7 +14,7 @@ from stream.control import ControlPlane
 from stream.embedder import check_model_source
 from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
-from stream.live import LiveConsumer
+from stream.live import CommitHook, LiveConsumer
 from stream.models import ModelPool
 from stream.pipeline import LiveStats, WindowProcessor
 from stream.routing import RoutingState
@@ -68,7 +67,7 @@ async def run_processor(
     *,
     role: str = "all",
     stop: anyio.Event | None = None,
-    on_assigned: Callable[[], None] | None = None,
+    on_commit: CommitHook | None = None,
     models: ModelPool | None = None,
 ) -> LiveStats:
     """Run the processor until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
@@ -87,7 +86,7 @@ async def run_processor(
         for model in _needed_models(state):
             await models.get(model)
         async with MigrationWorker(config, control, backfill=role != "live") as migration:
-            await _consume(config, control, migration, models, stats, stop, on_assigned)
+            await _consume(config, control, migration, models, stats, stop, on_commit)
     log.info(
         "stopped: %d atoms in, outputs %s, dead letters %s",
         stats.atoms_in,
@@ -111,7 +110,7 @@ async def _consume(
     models: ModelPool,
     stats: LiveStats,
     stop: anyio.Event,
-    on_assigned: Callable[[], None] | None,
+    on_commit: CommitHook | None,
 ) -> None:
     producer = make_producer(config.kafka)
     consumer = make_consumer(config.kafka, group_id=config.kafka.group_id)
@@ -127,13 +126,11 @@ async def _consume(
             )
 
         processor = WindowProcessor(config, models, send, stats)
-        live = LiveConsumer(config, consumer, processor, control, migration)
+        live = LiveConsumer(config, consumer, processor, control, migration, on_commit=on_commit)
         consumer.subscribe([config.topics.atoms], listener=live)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_stop_on_signals, stop)
             tasks.start_soon(control.tail)
-            if on_assigned is not None:
-                tasks.start_soon(_call_when_set, live.assigned, on_assigned)
             await live.run(stop)
             tasks.cancel_scope.cancel()
     finally:
@@ -147,11 +144,6 @@ async def _stop_on_signals(stop: anyio.Event) -> None:
         async for signum in signals:
             log.info("received %s: draining the window in flight", signal.Signals(signum).name)
             stop.set()
-
-
-async def _call_when_set(event: anyio.Event, callback: Callable[[], None]) -> None:
-    await event.wait()
-    callback()
 
 
 async def read_status(config: Config) -> RoutingStatus:

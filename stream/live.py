@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -26,6 +26,9 @@ from stream.pipeline import RetryWindow, WindowProcessor, to_source_record
 
 log = logging.getLogger(__name__)
 
+CommitHook = Callable[[Mapping[int, int]], None]
+"""Called with {partition: committed offset} after each successful commit (tests, metrics)."""
+
 
 class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     """The consumer-group loop around `WindowProcessor`, with commits and rebalances."""
@@ -37,6 +40,8 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         processor: WindowProcessor,
         control: ControlPlane,
         migration: MigrationWorker,
+        *,
+        on_commit: CommitHook | None = None,
     ) -> None:
         self._config = config
         self._consumer = consumer
@@ -46,7 +51,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._idle = anyio.Event()
         self._idle.set()
         self._busy = False
-        self.assigned = anyio.Event()
+        self._on_commit = on_commit
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first."""
@@ -120,6 +125,9 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("commit after a rebalance failed (the new owner redoes it): %r", exc)
+            return
+        if self._on_commit is not None:
+            self._on_commit({tp.partition: offset for tp, offset in offsets.items()})
 
     def _rewind(self, records: Sequence[SourceRecord]) -> None:
         first: dict[TopicPartition, int] = {}
@@ -142,5 +150,3 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         """Log the new assignment."""
         log.info("assigned partitions: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-        if assigned:
-            self.assigned.set()

@@ -100,7 +100,7 @@ async def test_every_class_of_bad_input_becomes_one_dead_letter(
     await produce(
         bootstrap, atoms, stream, headers=[("lattice.dlq.stage", b"stale"), ("trace", b"t1")]
     )
-    async with processor(config) as stats:
+    async with processor(config) as running:
         dlq = await collect(bootstrap, config.topics.dlq, lambda r: len(r) >= len(bad), within=90)
         out = await collect(bootstrap, config.topics.embeddings("tiny"), keys(20), within=60)
     assert {r.key for r in out} == {k for k, _ in good}
@@ -119,7 +119,7 @@ async def test_every_class_of_bad_input_becomes_one_dead_letter(
         assert headers["lattice.dlq.partition"] == b"0"
         assert headers["lattice.dlq.error"] and headers["lattice.dlq.error-class"]
         assert (letter.key, letter.value) == (key, value)
-    assert sum(stats.dead_letters.values()) == len(bad)
+    assert sum(running.stats.dead_letters.values()) == len(bad)
 
 
 @pytest.mark.timeout(120)

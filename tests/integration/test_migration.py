@@ -6,7 +6,6 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 
@@ -21,7 +20,6 @@ from stream.config import Config
 from stream.operator import send_command
 from tests.support.kafka import (
     atom_value,
-    committed,
     create_topic,
     delete_value,
     end_offsets,
@@ -29,7 +27,7 @@ from tests.support.kafka import (
     read_all,
     unique,
 )
-from tests.support.processor import processor, wait_for_routing
+from tests.support.processor import Running, processor, wait_for_routing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -115,12 +113,9 @@ def live_only(final: dict[str, tuple[int, int] | None]) -> dict[str, tuple[int, 
     return {k: v for k, v in final.items() if v is not None}
 
 
-async def drained(bootstrap: str, config: Config, atoms: str) -> None:
-    """Wait until the group has committed every atom produced so far."""
-    ends = await end_offsets(bootstrap, atoms, PARTITIONS)
-    with anyio.fail_after(120):
-        while await committed(bootstrap, config.kafka.group_id, atoms, PARTITIONS) != ends:
-            await anyio.sleep(0.2)
+async def drained(bootstrap: str, running: Running, atoms: str) -> None:
+    """Wait until the processor has committed every atom produced so far."""
+    await running.drained(await end_offsets(bootstrap, atoms, PARTITIONS))
 
 
 def phase_is(phase: RoutingPhase) -> Any:
@@ -148,8 +143,8 @@ async def test_migration_then_rollback_keeps_every_atom(
     config, _ = migration_config(atoms)
     history = History(seed=3)
     await produce(bootstrap, atoms, history.events(400, churn=0.3))
-    async with processor(config):
-        await drained(bootstrap, config, atoms)
+    async with processor(config) as running:
+        await drained(bootstrap, running, atoms)
         accepted, status = await send_command(config, start("m1", rollback_window_secs=3600))
         assert accepted and status.phase is RoutingPhase.MIGRATING
         assert status.write_models == ["tiny", "tinyb"] and status.query_model == "tiny"
@@ -160,7 +155,7 @@ async def test_migration_then_rollback_keeps_every_atom(
         assert state.migration.progress.total is not None and state.migration.progress.total >= 400
         assert state.route_query() == "tinyb"
         await produce(bootstrap, atoms, history.events(60, churn=0.5))
-        await drained(bootstrap, config, atoms)
+        await drained(bootstrap, running, atoms)
         expected = live_only(expected_final(await read_all(bootstrap, atoms)))
         target = await read_all(bootstrap, config.topics.embeddings("tinyb"))
         assert live_only(model_final(target)) == expected, "G2/G4: target complete and fresh"
@@ -170,7 +165,7 @@ async def test_migration_then_rollback_keeps_every_atom(
         assert accepted and status.state is MigrationState.ROLLED_BACK
         assert status.write_models == ["tiny"] and status.query_model == "tiny"
         await produce(bootstrap, atoms, history.events(60, churn=0.5))
-        await drained(bootstrap, config, atoms)
+        await drained(bootstrap, running, atoms)
     expected = live_only(expected_final(await read_all(bootstrap, atoms)))
     source = await read_all(bootstrap, config.topics.embeddings("tiny"))
     assert live_only(model_final(source)) == expected, "G3: source holds every live atom"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import anyio
@@ -14,20 +14,40 @@ from stream.pipeline import LiveStats
 from stream.routing import RoutingState
 
 
+class Running:
+    """A processor running in the test's event loop: its stats and committed offsets."""
+
+    def __init__(self) -> None:
+        self.stats = LiveStats()
+        self.committed: dict[int, int] = {}
+        self._changed = anyio.Event()
+
+    def on_commit(self, offsets: Mapping[int, int]) -> None:
+        self.committed.update(offsets)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def drained(self, ends: Mapping[int, int], *, within: float = 120) -> None:
+        """Wait until every partition is committed up to `ends` (empty ones need nothing)."""
+        with anyio.fail_after(within):
+            while any(self.committed.get(p, 0) < end for p, end in ends.items() if end > 0):
+                await self._changed.wait()
+
+
 @asynccontextmanager
-async def processor(config: Config, *, role: str = "all") -> AsyncIterator[LiveStats]:
+async def processor(config: Config, *, role: str = "all") -> AsyncIterator[Running]:
     """Run the processor in this event loop; stop it (draining) on exit."""
     stop = anyio.Event()
-    stats = LiveStats()
+    running = Running()
     async with anyio.create_task_group() as tasks:
 
         async def run() -> None:
-            result = await run_processor(config, stop=stop, role=role)
-            stats.__dict__.update(result.__dict__)
+            result = await run_processor(config, stop=stop, role=role, on_commit=running.on_commit)
+            running.stats.__dict__.update(result.__dict__)
 
         tasks.start_soon(run)
         try:
-            yield stats
+            yield running
         finally:
             stop.set()
 
