@@ -62,8 +62,9 @@ class Migration:
     def progress(self) -> Progress:
         """processed/total of backfill events; total None until every partition has a handoff."""
         processed = sum(
-            min(max(self.backfilled.get(p, start), start), self.handoffs[p]) - start
-            for p, start in self.log_starts.items()
+            min(max(self.backfilled.get(p, self.log_starts[p]), self.log_starts[p]), handoff)
+            - self.log_starts[p]
+            for p, handoff in self.handoffs.items()
         )
         if self.partitions is None or len(self.handoffs) < self.partitions:
             return Progress(processed=processed, total=None)
