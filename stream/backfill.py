@@ -42,6 +42,7 @@ class _Partition:
     live_keys: set[str]
     checkpointed: int
     checkpointed_at: float = 0.0
+    log_start: int = 0
 
 
 class MigrationWorker:
@@ -56,6 +57,7 @@ class MigrationWorker:
         )
         self._key: tuple[str, int] | None = None
         self._partitions: dict[int, _Partition] = {}
+        self._chasing: dict[int, _Partition] = {}
         self.backfilled_events = 0
         self.has_pending_backfill = False
 
@@ -71,6 +73,7 @@ class MigrationWorker:
         """Partitions revoked: their next owner rebuilds what it needs from the log."""
         for partition in partitions:
             self._partitions.pop(partition, None)
+            self._chasing.pop(partition, None)
 
     async def before_window(
         self,
@@ -141,21 +144,107 @@ class MigrationWorker:
             return False
         self._reset_if_new(migration)
         topic = self._config.topics.atoms
-        pending: list[int] = []
+        pending: list[TopicPartition] = []
         for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
-            if tp.topic != topic or tp.partition not in migration.handoffs:
+            if tp.topic != topic:
+                continue
+            if tp.partition not in migration.handoffs:
+                if not migration.backfill.dual_write:
+                    pending.append(tp)  # chasing the live head
                 continue
             if migration.backfilled.get(tp.partition, 0) >= migration.handoffs[tp.partition]:
                 continue
             entry = await self._entry(migration, tp, consumer)
             if entry.next_offset < entry.handoff:
-                pending.append(tp.partition)
+                pending.append(tp)
         self.has_pending_backfill = bool(pending)
         if not pending:
             return False
-        for partition in pending[: migration.backfill.max_concurrent]:
-            await self._batch(migration, partition, processor)
+        for tp in pending[: migration.backfill.max_concurrent]:
+            if tp.partition in migration.handoffs:
+                await self._batch(migration, tp.partition, processor)
+            else:
+                await self._chase(migration, tp, consumer, processor)
         return True
+
+    async def _chase(
+        self,
+        migration: Migration,
+        tp: TopicPartition,
+        consumer: AIOKafkaConsumer,
+        processor: WindowProcessor,
+    ) -> None:
+        """`dual_write = false`: backfill up to the live head, then record the handoff there.
+
+        The live path of this partition runs in this same task, so the head does not move
+        between the check and the handoff: no atom falls between backfill and live writes.
+        """
+        chase = self._chasing.get(tp.partition)
+        if chase is None:
+            log_start = int((await consumer.beginning_offsets([tp]))[tp])
+            start = max(migration.backfilled.get(tp.partition, 0), log_start)
+            chase = _Partition(
+                handoff=-1,
+                next_offset=start,
+                live_keys=set(),
+                checkpointed=start,
+                log_start=log_start,
+            )
+            self._chasing[tp.partition] = chase
+        head = await consumer.position(tp)
+        if chase.next_offset >= head:
+            await self._checkpoint(migration, tp.partition, chase, head, force=True)
+            last = await self._control.append(
+                HandoffRecorded(
+                    migration_id=migration.migration_id,
+                    epoch=migration.epoch,
+                    partition=tp.partition,
+                    offset=head,
+                    log_start=min(chase.log_start, head),
+                    partitions=len(consumer.partitions_for_topic(tp.topic) or ()),
+                )
+            )
+            log.info(
+                "backfill caught up: handoff %s partition %d at %d",
+                migration.migration_id,
+                tp.partition,
+                head,
+            )
+            self._chasing.pop(tp.partition)
+            await self._control.wait_applied(last)
+            return
+        end = min(chase.next_offset + migration.backfill.batch_size, head)
+        records = await self._read(tp.partition, chase.next_offset, end)
+        if records:
+            await processor.process(
+                records, (migration.target,), migration.migration_id, path="backfill"
+            )
+        self.backfilled_events += end - chase.next_offset
+        chase.next_offset = end
+        await self._checkpoint(migration, tp.partition, chase, end)
+
+    async def _checkpoint(
+        self,
+        migration: Migration,
+        partition: int,
+        entry: _Partition,
+        offset: int,
+        *,
+        force: bool = False,
+    ) -> None:
+        """Record progress in the control log, at most once a second per partition."""
+        now = time.monotonic()
+        if not force and now - entry.checkpointed_at < CHECKPOINT_INTERVAL_SECS:
+            return
+        await self._control.append(
+            BackfillProgress(
+                migration_id=migration.migration_id,
+                epoch=migration.epoch,
+                partition=partition,
+                offset=offset,
+            )
+        )
+        entry.checkpointed, entry.checkpointed_at = offset, now
 
     async def _entry(
         self, migration: Migration, tp: TopicPartition, consumer: AIOKafkaConsumer
@@ -198,17 +287,7 @@ class MigrationWorker:
             )
         self.backfilled_events += end - entry.next_offset
         entry.next_offset = end
-        now = time.monotonic()
-        if end >= entry.handoff or now - entry.checkpointed_at >= CHECKPOINT_INTERVAL_SECS:
-            await self._control.append(
-                BackfillProgress(
-                    migration_id=migration.migration_id,
-                    epoch=migration.epoch,
-                    partition=partition,
-                    offset=end,
-                )
-            )
-            entry.checkpointed, entry.checkpointed_at = end, now
+        await self._checkpoint(migration, partition, entry, end, force=end >= entry.handoff)
 
     async def _read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
         """Records of one atoms partition in [start, end)."""
@@ -230,6 +309,7 @@ class MigrationWorker:
         if key != self._key:
             self._key = key
             self._partitions.clear()
+            self._chasing.clear()
 
 
 def _atom_id(record: SourceRecord, max_event_bytes: int) -> str | None:

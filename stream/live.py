@@ -23,6 +23,7 @@ from stream.config import Config
 from stream.control import ControlPlane
 from stream.deadletter import SourceRecord
 from stream.pipeline import RetryWindow, WindowProcessor, to_source_record
+from stream.routing import RoutingState
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,8 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 state = await self._control.sync()
                 state = await self._migration.before_window(state, self._consumer, records)
                 if records:
-                    routing = state.routing_config()
-                    migration = state.active
                     try:
-                        await self._processor.process(
-                            records,
-                            routing.write_models,
-                            migration.migration_id if migration else None,
-                        )
+                        await self._process(state, records)
                     except RetryWindow as exc:
                         log.error("%s; retrying the window in %.1fs", exc, backoff)
                         self._rewind(records)
@@ -85,6 +80,20 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             finally:
                 self._busy = False
                 self._idle.set()
+
+    async def _process(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
+        """Embed with the write models; per partition while a no-dual-write backfill chases."""
+        migration = state.active
+        writes = state.routing_config().write_models
+        if migration is None or migration.backfill.dual_write or migration.target in writes:
+            migration_id = migration.migration_id if migration else None
+            await self._processor.process(records, writes, migration_id)
+            return
+        joined = [r for r in records if migration.writes_target(r.partition)]
+        others = [r for r in records if not migration.writes_target(r.partition)]
+        for group, models in ((joined, (*writes, migration.target)), (others, writes)):
+            if group:
+                await self._processor.process(group, models, migration.migration_id)
 
     async def _backfill_step(self) -> None:
         try:

@@ -87,6 +87,18 @@ class Migration:
             return True
         return progress.processed / progress.total >= self.backfill.target_query_threshold
 
+    def writes_target(self, partition: int) -> bool:
+        """Whether the live path writes `partition`'s atoms to the target model too.
+
+        With `dual_write = false`, a partition joins once its backfill has caught up with the
+        live head and recorded its handoff.
+        """
+        if self.state is MigrationState.COMPLETED:
+            return not self.window_closed
+        if self.state in (MigrationState.IN_PROGRESS, MigrationState.PAUSED):
+            return self.backfill.dual_write or partition in self.handoffs
+        return False
+
     @property
     def dual_writing(self) -> bool:
         """The live path writes the target too (so handoffs must be recorded)."""

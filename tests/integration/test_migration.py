@@ -11,6 +11,10 @@ import pytest
 
 from schemas.control import (
     BackfillConfig,
+    CancelMigration,
+    Finalize,
+    PauseMigration,
+    ResumeMigration,
     Rollback,
     StartMigration,
 )
@@ -18,6 +22,7 @@ from schemas.embeddings import EmbeddingRecord
 from schemas.routing import MigrationState, RoutingPhase
 from stream.config import Config
 from stream.operator import send_command
+from stream.routing import RoutingState
 from tests.support.kafka import (
     atom_value,
     create_topic,
@@ -169,3 +174,136 @@ async def test_migration_then_rollback_keeps_every_atom(
     expected = live_only(expected_final(await read_all(bootstrap, atoms)))
     source = await read_all(bootstrap, config.topics.embeddings("tiny"))
     assert live_only(model_final(source)) == expected, "G3: source holds every live atom"
+
+
+async def migrate_under_load(
+    bootstrap: str,
+    config: Config,
+    atoms: str,
+    running: Running,
+    history: History,
+    command: StartMigration | None,
+) -> RoutingState:
+    """Start m1 (unless started) once the history is live, keep ingesting, wait for cutover."""
+    if command is not None:
+        await drained(bootstrap, running, atoms)
+        accepted, _ = await send_command(config, command)
+        assert accepted
+    for _ in range(4):
+        await produce(bootstrap, atoms, history.events(40, churn=0.5))
+    return await wait_for_routing(config, phase_is(RoutingPhase.ROLLBACK_WINDOW), within=120)
+
+
+async def assert_model_matches_atoms(
+    bootstrap: str, config: Config, atoms: str, model: str
+) -> None:
+    expected = live_only(expected_final(await read_all(bootstrap, atoms)))
+    records = await read_all(bootstrap, config.topics.embeddings(model))
+    assert live_only(model_final(records)) == expected
+    assert live_only(highest_offset_final(records)) == expected
+
+
+@pytest.mark.timeout(240)
+async def test_no_dual_write_backfill_chases_the_live_head(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    config, _ = migration_config(atoms)
+    history = History(seed=5)
+    await produce(bootstrap, atoms, history.events(300, churn=0.3))
+    async with processor(config) as running:
+        await drained(bootstrap, running, atoms)
+        accepted, status = await send_command(config, start("m1", dual_write=False))
+        assert accepted and status.write_models == ["tiny"]
+        state = await migrate_under_load(bootstrap, config, atoms, running, history, None)
+        assert state.routing_config().write_models == ("tiny", "tinyb")
+        await produce(bootstrap, atoms, history.events(40, churn=0.5))
+        await drained(bootstrap, running, atoms)
+        await assert_model_matches_atoms(bootstrap, config, atoms, "tinyb")
+
+
+@pytest.mark.timeout(240)
+async def test_pause_stops_backfill_but_not_dual_write_then_finalize(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    config, _ = migration_config(atoms)
+    history = History(seed=7)
+    await produce(bootstrap, atoms, history.events(300, churn=0.2))
+    async with processor(config) as running:
+        await drained(bootstrap, running, atoms)
+        assert (await send_command(config, start("m1", batch_size=10)))[0]
+        accepted, status = await send_command(
+            config, PauseMigration(migration_id="m1", reason="test")
+        )
+        assert accepted and status.state is MigrationState.PAUSED
+        assert status.write_models == ["tiny", "tinyb"], "dual-write continues while paused"
+        frozen = status.progress.processed if status.progress else None
+        fresh = history.events(30, churn=0.0)
+        await produce(bootstrap, atoms, fresh)
+        await drained(bootstrap, running, atoms)
+        target = await read_all(bootstrap, config.topics.embeddings("tinyb"))
+        assert {k for k, _ in fresh} <= {r.key for r in target}, "new atoms dual-written"
+        paused = await wait_for_routing(config, lambda s: True, within=10)
+        progress = paused.status().progress
+        assert progress is not None and progress.processed == frozen, "backfill is paused"
+        assert (await send_command(config, ResumeMigration(migration_id="m1")))[0]
+        await wait_for_routing(config, phase_is(RoutingPhase.ROLLBACK_WINDOW), within=120)
+        accepted, status = await send_command(config, Finalize(migration_id="m1"))
+        assert accepted and status.state is MigrationState.FINALIZED
+        assert status.write_models == ["tinyb"] and status.query_model == "tinyb"
+        after = history.events(20, churn=0.0)
+        await produce(bootstrap, atoms, after)
+        await drained(bootstrap, running, atoms)
+    source = await read_all(bootstrap, config.topics.embeddings("tiny"))
+    assert not {k for k, _ in after} & {r.key for r in source}, "finalized: target alone"
+    await assert_model_matches_atoms(bootstrap, config, atoms, "tinyb")
+
+
+@pytest.mark.timeout(240)
+async def test_rollback_window_closes_by_itself_and_survives_restart(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    config, _ = migration_config(atoms)
+    history = History(seed=11)
+    await produce(bootstrap, atoms, history.events(100, churn=0.2))
+    async with processor(config) as running:
+        state = await migrate_under_load(
+            bootstrap, config, atoms, running, history, start("m1", rollback_window_secs=8)
+        )
+        ends = state.status().rollback_window_ends_at
+    # Every instance is down; the window's end comes from the cutover record, not a clock.
+    assert (
+        await wait_for_routing(config, lambda s: True, within=10)
+    ).status().rollback_window_ends_at == ends
+    async with processor(config) as running:
+        closed = await wait_for_routing(config, phase_is(RoutingPhase.STABLE), within=60)
+        assert closed.routing_config().write_models == ("tinyb",)
+        assert closed.stable_model == "tinyb"
+        accepted, status = await send_command(config, Rollback(migration_id="m1"))
+        assert not accepted and status.last_rejection is not None
+        assert "rollback window open" in status.last_rejection.reason
+        await produce(bootstrap, atoms, history.events(20, churn=0.3))
+        await drained(bootstrap, running, atoms)
+    await assert_model_matches_atoms(bootstrap, config, atoms, "tinyb")
+
+
+@pytest.mark.timeout(120)
+async def test_cancel_returns_to_the_source_alone(bootstrap: str, migration_config: Any) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    config, _ = migration_config(atoms)
+    accepted, status = await send_command(config, start("m1"))
+    assert accepted
+    accepted, status = await send_command(config, CancelMigration(migration_id="m1"))
+    assert accepted and status.state is MigrationState.CANCELLED
+    assert status.write_models == ["tiny"] and status.phase is RoutingPhase.STABLE
+    accepted, status = await send_command(config, start("m1"))
+    assert not accepted and status.last_rejection is not None
+    assert status.last_rejection.reason == "migration id m1 was used before"
+    accepted, status = await send_command(config, start("m2"))
+    assert accepted and status.migration_id == "m2"
