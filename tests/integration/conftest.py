@@ -85,3 +85,15 @@ def make_config(tmp_path: Path, bootstrap: str, tiny_model: Path) -> Any:
         return load_config(path, {}), path
 
     return factory
+
+
+@pytest.fixture
+def migration_config(make_config: Any, tiny_model: Any, tiny_model_b: Any) -> Any:
+    def factory(atoms: str) -> tuple[Config, Path]:
+        return make_config(
+            atoms,
+            models={"tiny": tiny_model, "tinyb": tiny_model_b},
+            extra="[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n",
+        )
+
+    return factory

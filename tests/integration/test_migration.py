@@ -127,18 +127,6 @@ def phase_is(phase: RoutingPhase) -> Any:
     return lambda state: state.routing_config().phase is phase
 
 
-@pytest.fixture
-def migration_config(make_config: Any, tiny_model: Any, tiny_model_b: Any) -> Any:
-    def factory(atoms: str) -> tuple[Config, Any]:
-        return make_config(
-            atoms,
-            models={"tiny": tiny_model, "tinyb": tiny_model_b},
-            extra="[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n",
-        )
-
-    return factory
-
-
 @pytest.mark.timeout(240)
 async def test_migration_then_rollback_keeps_every_atom(
     bootstrap: str, migration_config: Any
