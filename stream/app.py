@@ -38,8 +38,10 @@ def owned_topics(config: Config, partitions: int) -> list[TopicSpec]:
     return specs
 
 
-async def prepare_topics(config: Config) -> None:
+async def prepare_topics(config: Config) -> int | None:
     """Create the owned topics that are missing, sized like `atoms` unless configured.
+
+    Returns the partition count of `atoms` (None while it does not exist).
 
     This is the processor's first contact with Kafka: an unreachable broker surfaces here
     as one `BrokerUnavailable` line (aiokafka's own connection log is held back meanwhile).
@@ -48,18 +50,17 @@ async def prepare_topics(config: Config) -> None:
     level = client_log.level
     client_log.setLevel(logging.CRITICAL)
     try:
-        await _ensure_owned_topics(config)
+        return await _ensure_owned_topics(config)
     finally:
         client_log.setLevel(level)
 
 
-async def _ensure_owned_topics(config: Config) -> None:
+async def _ensure_owned_topics(config: Config) -> int | None:
     async with Admin(config.kafka) as admin:
         atoms_partitions = await admin.partition_count(config.topics.atoms)
-        if atoms_partitions is None:
-            log.warning("input topic %s does not exist yet; waiting for it", config.topics.atoms)
         partitions = config.topics.partitions or atoms_partitions or 1
         await admin.ensure_topics(owned_topics(config, partitions))
+    return atoms_partitions
 
 
 async def run_processor(
@@ -78,7 +79,8 @@ async def run_processor(
     stop = stop or anyio.Event()
     stats = LiveStats()
     check_model_source(config.routing.stable_model, config.models[config.routing.stable_model])
-    await prepare_topics(config)
+    if await prepare_topics(config) is None:
+        log.warning("input topic %s does not exist yet; waiting for it", config.topics.atoms)
     models = models or ModelPool(config)
     async with ControlPlane(config, publish_status=True) as control:
         state = await control.replay()

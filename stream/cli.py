@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "pause":
             sub.add_argument("--reason")
 
+    replay = commands.add_parser(
+        "replay",
+        parents=[common],
+        help="re-embed a range of the atoms topic into one model's topic (safe while running)",
+    )
+    replay.add_argument("--model", required=True, help="the model whose topic gets the records")
+    start_at = replay.add_mutually_exclusive_group(required=True)
+    start_at.add_argument(
+        "--from-offset", nargs="+", metavar="P:O", help="start offsets (other partitions: start)"
+    )
+    start_at.add_argument("--from-timestamp", metavar="T", help="RFC 3339 start time")
+    replay.add_argument(
+        "--to",
+        nargs="+",
+        metavar="P:O|T",
+        help="end (exclusive): offsets per partition, or an RFC 3339 time (default: log end now)",
+    )
+
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -100,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        _setup_logging(config)
+        _setup_logging(config, quiet=args.command != "run")
         if args.command == "run":
             from stream.app import run_processor
 
@@ -110,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(config, as_json=args.json, watch=args.watch)
         if args.command == "control":
             return _control(config, args)
+        if args.command == "replay":
+            return _replay(config, args)
         if args.command == "demo":
             from stream.demo import run_demo
 
@@ -123,6 +143,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _replay(config: Config, args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from stream.replay import parse_offsets, replay
+
+    def when(text: str) -> datetime:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ConfigError(f"replay: {text!r} is not an RFC 3339 time") from exc
+        if moment.tzinfo is None:
+            raise ConfigError(f"replay: {text!r} needs a time zone")
+        return moment
+
+    to_offsets = to_time = None
+    if args.to:
+        if len(args.to) == 1 and ":" in args.to[0] and not args.to[0].split(":")[0].isdigit():
+            to_time = when(args.to[0])
+        else:
+            to_offsets = parse_offsets(args.to)
+    result = anyio.run(
+        lambda: replay(
+            config,
+            args.model,
+            from_offsets=parse_offsets(args.from_offset) if args.from_offset else None,
+            from_time=when(args.from_timestamp) if args.from_timestamp else None,
+            to_offsets=to_offsets,
+            to_time=to_time,
+        )
+    )
+    print(
+        f"replayed {result.events} events into {config.topics.embeddings(args.model)}: "
+        f"{result.embedded} embedded, {result.skipped_newer} skipped (newer version exists), "
+        f"{result.skipped_invalid} invalid"
+    )
+    return 0
 
 
 def _control(config: Config, args: argparse.Namespace) -> int:
@@ -210,13 +268,18 @@ def _status(config: Config, *, as_json: bool, watch: bool) -> int:
     return 0
 
 
-def _setup_logging(config: Config) -> None:
+def _setup_logging(config: Config, *, quiet: bool) -> None:
+    """The processor logs at the configured level; one-shot commands only warnings."""
+    level = logging.getLevelName(config.runtime.log_level)
     logging.basicConfig(
-        level=config.runtime.log_level,
+        level=max(level, logging.WARNING) if quiet else level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
+    # aiokafka logs transient errors it retries itself; a one-shot command reports real
+    # failures as one line from the exception instead.
+    client_level = logging.CRITICAL if quiet else max(logging.WARNING, logging.root.level)
+    logging.getLogger("aiokafka").setLevel(client_level)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class ControlPlane:
         if messages:
             rejection = self.state.last_rejection
             if rejection is not None and rejection.at == record_time(messages[-1].timestamp):
-                log.warning("control: rejected %s: %s", rejection.command, rejection.reason)
+                log.info("control: rejected %s: %s", rejection.command, rejection.reason)
             changed, self._changed = self._changed, anyio.Event()
             changed.set()
             if self.replayed.is_set():

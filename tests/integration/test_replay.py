@@ -1,0 +1,139 @@
+"""`lattice-embed replay` on the real broker: ranges, timestamps, and no stale versions."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from schemas.embeddings import EmbeddingRecord
+from tests.support.kafka import atom_value, create_topic, delete_value, produce, read_all, unique
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+@pytest.mark.timeout(120)
+async def test_replay_range_skips_keys_with_newer_versions(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=1)
+    config, path = migration_config(atoms)
+    await produce(
+        bootstrap,
+        atoms,
+        [
+            (b"a", atom_value("a", "first a")),  # 0
+            (b"b", atom_value("b", "only b")),  # 1
+            (b"c", b"not json"),  # 2: invalid, skipped
+            (b"d", atom_value("d", "d before delete")),  # 3
+            (b"a", atom_value("a", "second a")),  # 4: newer than the range
+            (b"d", delete_value("d")),  # 5
+            (b"e", atom_value("e", "after the range")),  # 6
+        ],
+    )
+    done = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "replay",
+            "--config",
+            str(path),
+            "--model",
+            "tinyb",
+            "--from-offset",
+            "0:0",
+            "--to",
+            "0:4",
+        ],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert (
+        "replayed 4 events" in done.stdout.decode()
+        and "2 skipped (newer version exists)" in done.stdout.decode()
+    )
+    out = await read_all(bootstrap, config.topics.embeddings("tinyb"))
+    assert [r.key for r in out] == [b"b"]
+    record = msgspec.json.decode(out[0].value, type=EmbeddingRecord)
+    assert (record.path, record.source.offset, record.model) == ("backfill", 1, "tinyb")
+
+    again = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "replay",
+            "--config",
+            str(path),
+            "--model",
+            "tinyb",
+            "--from-offset",
+            "0:6",
+        ],
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    assert [r.key for r in await read_all(bootstrap, config.topics.embeddings("tinyb"))] == [
+        b"b",
+        b"e",
+    ]
+    bad = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "replay",
+            "--config",
+            str(path),
+            "--model",
+            "nope",
+            "--from-offset",
+            "0:0",
+        ],
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr.decode()
+
+
+@pytest.mark.timeout(120)
+async def test_control_cli_reports_acceptance_and_rejection(migration_config: Any) -> None:
+    _, path = migration_config(unique("atoms"))
+    cli = [sys.executable, "-m", "stream.cli", "control"]
+    rejected = await anyio.run_process(
+        [*cli, "finalize", "--config", str(path), "--migration-id", "m9"],
+        check=False,
+    )
+    assert rejected.returncode == 1
+    assert rejected.stderr.decode() == "lattice-embed: control: rejected: no migration m9\n"
+    accepted = await anyio.run_process(
+        [
+            *cli,
+            "start-migration",
+            "--config",
+            str(path),
+            "--migration-id",
+            "m1",
+            "--target",
+            "tinyb",
+            "--threshold",
+            "0.5",
+        ],
+        check=False,
+    )
+    assert accepted.returncode == 0, accepted.stderr.decode()
+    assert (
+        "phase=migrating state=in_progress query=tiny write=tiny,tinyb" in accepted.stdout.decode()
+    )
+    status = await anyio.run_process(
+        [sys.executable, "-m", "stream.cli", "status", "--json", "--config", str(path)],
+        check=False,
+    )
+    assert status.returncode == 0
+    decoded = msgspec.json.decode(status.stdout)
+    assert decoded["migration_id"] == "m1" and decoded["progress"]["total"] is None
+    assert decoded["last_rejection"]["reason"] == "no migration m9"
