@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--threshold", type=float, default=0.8, help="target_query_threshold")
     start.add_argument("--rollback-window-secs", type=int, default=86400)
+    start.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load both models, count the events to backfill, estimate the duration from a "
+        "measured sample, and change nothing",
+    )
     for action, text in (
         ("pause", "pause backfill (dual-write continues)"),
         ("resume", "resume a paused or failed migration"),
@@ -183,6 +189,22 @@ def _replay(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(config: Config, source: str, target: str) -> int:
+    from stream.operator import dry_run
+
+    report = anyio.run(dry_run, config, source, target)
+    print(f"source {report.source}: dim {report.source_dim}")
+    print(f"target {report.target}: dim {report.target_dim}")
+    if report.source_dim != report.target_dim:
+        print("dimensions differ: queries must switch index with the query model")
+    print(f"events to backfill: {report.events} (atoms topic, all partitions)")
+    print(f"target model: {report.target_atoms_per_sec:.1f} atoms/s on a sample of {report.sample}")
+    if report.estimate_secs is not None:
+        print(f"estimated backfill time: {report.estimate_secs:.0f}s (model time, one instance)")
+    print("dry run: nothing was changed")
+    return 0
+
+
 def _control(config: Config, args: argparse.Namespace) -> int:
     from schemas import control as commands
     from stream.operator import send_command
@@ -195,6 +217,8 @@ def _control(config: Config, args: argparse.Namespace) -> int:
             from stream.app import read_status
 
             source = anyio.run(read_status, config).query_model
+        if args.dry_run:
+            return _dry_run(config, source, args.target)
         try:
             backfill = msgspec.convert(
                 {

@@ -137,3 +137,54 @@ async def test_control_cli_reports_acceptance_and_rejection(migration_config: An
     decoded = msgspec.json.decode(status.stdout)
     assert decoded["migration_id"] == "m1" and decoded["progress"]["total"] is None
     assert decoded["last_rejection"]["reason"] == "no migration m9"
+
+
+@pytest.mark.timeout(120)
+async def test_dry_run_counts_and_estimates_without_changing_anything(
+    bootstrap: str, migration_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=2)
+    _, path = migration_config(atoms)
+    await produce(
+        bootstrap, atoms, [(f"k{i}".encode(), atom_value(f"k{i}", f"text {i}")) for i in range(50)]
+    )
+    cli = [sys.executable, "-m", "stream.cli"]
+    done = await anyio.run_process(
+        [
+            *cli,
+            "control",
+            "start-migration",
+            "--config",
+            str(path),
+            "--migration-id",
+            "m1",
+            "--target",
+            "tinyb",
+            "--dry-run",
+        ],
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert "source tiny: dim 32" in out and "target tinyb: dim 48" in out
+    assert "events to backfill: 50" in out and "estimated backfill time:" in out
+    assert "nothing was changed" in out
+    status = await anyio.run_process([*cli, "status", "--json", "--config", str(path)])
+    assert msgspec.json.decode(status.stdout)["migration_id"] is None
+    same = await anyio.run_process(
+        [
+            *cli,
+            "control",
+            "start-migration",
+            "--config",
+            str(path),
+            "--migration-id",
+            "m1",
+            "--target",
+            "tiny",
+            "--dry-run",
+        ],
+        check=False,
+    )
+    assert same.returncode == 2 and "are the same model" in same.stderr.decode()
