@@ -107,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="end (exclusive): offsets per partition, or an RFC 3339 time (default: log end now)",
     )
 
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="measure model-only and end-to-end throughput (and latency) in one run",
+    )
+    bench.add_argument("--workloads", default="short,medium,long,mixed")
+    bench.add_argument("--atoms", type=int, default=256, help="atoms per workload and run")
+    bench.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    bench.add_argument("--dual", metavar="MODEL", help="also measure dual-write with MODEL")
+    bench.add_argument("--load-secs", type=float, default=10.0, help="offered-load duration")
+    bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
+    bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
+    bench.add_argument(
+        "--local-broker",
+        action="store_true",
+        help="start the repository's local broker (and use it) if it is not running",
+    )
+
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -136,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _control(config, args)
         if args.command == "replay":
             return _replay(config, args)
+        if args.command == "bench":
+            return _bench(config, args)
         if args.command == "demo":
             from stream.demo import run_demo
 
@@ -149,6 +169,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _bench(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stream.bench import WORKLOADS, format_table, run_bench
+
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise ConfigError(f"bench: unknown workload(s) {sorted(unknown)}; use {WORKLOADS}")
+    if args.device:
+        runtime = msgspec.structs.replace(config.runtime, device=args.device)
+        config = msgspec.structs.replace(config, runtime=runtime)
+    started = False
+    if args.local_broker:
+        from stream.localbroker import local_bootstrap, start_local_broker
+
+        started = start_local_broker()
+        kafka = msgspec.structs.replace(config.kafka, bootstrap_servers=local_bootstrap())
+        config = msgspec.structs.replace(config, kafka=kafka)
+    logging.getLogger("stream").setLevel(logging.WARNING)
+    try:
+        report = anyio.run(
+            lambda: run_bench(
+                config,
+                workloads=workloads,
+                atoms=args.atoms,
+                runs=args.runs,
+                dual=args.dual,
+                load_secs=args.load_secs,
+                out=Path(args.out),
+            )
+        )
+    finally:
+        if started:
+            from stream.localbroker import stop_local_broker
+
+            stop_local_broker()
+    print(format_table(report))
+    print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
 
 
 def _replay(config: Config, args: argparse.Namespace) -> int:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import anyio
 import msgspec
@@ -19,12 +16,11 @@ from schemas.embeddings import EmbeddingRecord
 from stream.app import run_processor
 from stream.config import Config
 from stream.corpus import sample_texts
-from stream.errors import BrokerUnavailable
 from stream.kafka.admin import Admin, TopicSpec
+from stream.localbroker import local_bootstrap, start_local_broker, stop_local_broker
 from stream.models import ModelPool
 from stream.progress import progress_line
 
-LOCAL_KAFKA = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "local-kafka"
 QUERIES = (
     "compress data to make files smaller",
     "send an email message to a mail server",
@@ -36,11 +32,11 @@ QUERIES = (
 
 def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
     """Run the whole demo; returns the exit status."""
-    port = os.environ.get("KAFKA_PORT", "9092")
     # The demo's screen is the progress bar and the answers; keep client chatter off it.
     logging.getLogger("stream").setLevel(logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    started = _start_broker()
+    if not (started := start_local_broker(_print)):
+        _print("using the local Kafka broker that is already running")
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
     topics = msgspec.structs.replace(
         config.topics,
@@ -51,7 +47,7 @@ def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
         embeddings_prefix=f"demo-{run_id}.embeddings.",
     )
     kafka = msgspec.structs.replace(
-        config.kafka, bootstrap_servers=f"127.0.0.1:{port}", group_id=f"demo-{run_id}"
+        config.kafka, bootstrap_servers=local_bootstrap(), group_id=f"demo-{run_id}"
     )
     demo_config = msgspec.structs.replace(config, topics=topics, kafka=kafka)
     try:
@@ -59,19 +55,8 @@ def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
     finally:
         if started and not keep_broker:
             _print("stopping the local broker")
-            subprocess.run([str(LOCAL_KAFKA), "stop"], check=False, stdout=subprocess.DEVNULL)
+            stop_local_broker()
     return 0
-
-
-def _start_broker() -> bool:
-    """Start the local broker unless it runs already; True when this call started it."""
-    if subprocess.run([str(LOCAL_KAFKA), "status"], capture_output=True).returncode == 0:
-        _print("using the local Kafka broker that is already running")
-        return False
-    _print("starting a local Kafka broker (first run resolves its jars from Maven Central)")
-    if subprocess.run([str(LOCAL_KAFKA), "start"], check=False).returncode != 0:
-        raise BrokerUnavailable(f"{LOCAL_KAFKA} start failed (see its output above)")
-    return True
 
 
 async def _demo(config: Config, count: int) -> None:

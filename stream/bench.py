@@ -1,0 +1,377 @@
+"""`lattice-embed bench`: what a model sustains here, offline and end to end, in one run.
+
+For each workload, on the same deterministic texts:
+  (a) model only: plain transformers, length-sorted batches of 64 (the reference);
+  (b) the embedder as the pipeline uses it (token-budget micro-batches);
+  (c) end to end through Kafka from a backlog (produce N atoms, then run the processor);
+  (d) end to end at a fixed offered load (half of (c)), with p50/p99 latency.
+Ratios are taken between numbers measured in the same run, so they hold across machines.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.control import BackfillConfig, StartMigration
+from stream.app import prepare_topics, run_processor
+from stream.config import Config
+from stream.corpus import sample_texts
+from stream.embedder import Embedder
+from stream.kafka.admin import Admin, TopicSpec
+from stream.models import ModelPool
+from stream.operator import send_command
+
+WORKLOADS = ("short", "medium", "long", "mixed")
+
+
+def workload_texts(name: str, count: int, *, seed: int = 7) -> list[str]:
+    """Deterministic texts of a target size: short ~16 tokens, medium ~64, long ~256+ (cut),
+    mixed heavy-tailed (log-normal word counts)."""
+    rng = random.Random(f"{name}-{seed}")
+    words = " ".join(sample_texts()).split()
+    sizes = {
+        "short": lambda: rng.randint(8, 14),
+        "medium": lambda: rng.randint(40, 56),
+        "long": lambda: rng.randint(230, 300),
+    }
+    pick: Callable[[], int] = sizes.get(
+        name, lambda: min(400, max(3, int(rng.lognormvariate(3.3, 0.9))))
+    )
+    texts = []
+    for i in range(count):
+        size = pick()
+        start = rng.randrange(0, len(words) - size)
+        texts.append(f"{i}: " + " ".join(words[start : start + size]))
+    return texts
+
+
+@dataclass
+class Rate:
+    """One throughput measurement."""
+
+    atoms: int
+    seconds: float
+    tokens: int = 0
+    padded_tokens: int = 0
+
+    @property
+    def atoms_per_sec(self) -> float:
+        return self.atoms / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclass
+class WorkloadResult:
+    """Medians over the runs of one workload."""
+
+    name: str
+    mean_tokens: float
+    model_only: float = 0.0
+    embedder: float = 0.0
+    end_to_end: float = 0.0
+    tokens_per_sec: float = 0.0
+    padding_model_only: float = 0.0
+    padding_embedder: float = 0.0
+    offered_rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    runs: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.end_to_end / self.model_only if self.model_only else 0.0
+
+
+def model_only(embedder: Embedder, texts: Sequence[str], batch: int = 64) -> Rate:
+    """The reference: Hugging Face tokenizer padding per batch of 64 length-sorted texts."""
+    import torch
+
+    tokenizer, model = embedder._tokenizer, embedder._model  # the same weights, plain use
+    lengths = [len(ids) for ids in embedder.tokenize(texts).input_ids]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    began = time.perf_counter()
+    padded = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch):
+            chunk = [texts[i] for i in order[start : start + batch]]
+            inputs = tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=embedder.config.max_tokens,
+                return_tensors="pt",
+            ).to(embedder.device)
+            padded += int(inputs["input_ids"].numel())
+            hidden = model(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+    return Rate(len(texts), time.perf_counter() - began, sum(lengths), padded)
+
+
+def embedder_rate(embedder: Embedder, texts: Sequence[str]) -> Rate:
+    """The embedder as the pipeline drives it: tokenize, token-budget micro-batches."""
+    began = time.perf_counter()
+    _, stats = embedder.embed_tokens(embedder.tokenize(texts))
+    return Rate(len(texts), time.perf_counter() - began, stats.tokens, stats.padded_tokens)
+
+
+async def _produce(config: Config, texts: Sequence[str], *, rate: float | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        began = time.monotonic()
+        for i, text in enumerate(texts):
+            atom_id = f"b-{i}"
+            value = msgspec.json.encode({"type": "atom.created", "atom_id": atom_id, "text": text})
+            await producer.send(config.topics.atoms, value, atom_id.encode())
+            if rate is not None:
+                due = began + (i + 1) / rate
+                await producer.flush()
+                await anyio.sleep(max(0.0, due - time.monotonic()))  # offered load pacing
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _fresh(config: Config, tag: str) -> Config:
+    run = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
+    topics = msgspec.structs.replace(
+        config.topics,
+        atoms=f"{run}.atoms",
+        control=f"{run}.control",
+        routing=f"{run}.routing",
+        dlq=f"{run}.dlq",
+        embeddings_prefix=f"{run}.embeddings.",
+    )
+    kafka = msgspec.structs.replace(config.kafka, group_id=run)
+    return msgspec.structs.replace(config, topics=topics, kafka=kafka)
+
+
+async def end_to_end(
+    config: Config,
+    pool: ModelPool,
+    texts: Sequence[str],
+    *,
+    second_model: str | None = None,
+    rate: float | None = None,
+) -> tuple[Rate, list[float]]:
+    """Processor throughput from a backlog (rate None) or latencies at an offered load."""
+    config = _fresh(config, "e2e")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
+    await prepare_topics(config)
+    if second_model is not None:
+        command = StartMigration(
+            migration_id="bench",
+            source_model=config.routing.stable_model,
+            target_model=second_model,
+            backfill=BackfillConfig(rollback_window_secs=3600),
+        )
+        await send_command(config, command)
+    if rate is None:
+        await _produce(config, texts)
+    committed = 0
+    done = anyio.Event()
+    first_commit: list[float] = []
+
+    def on_commit(offsets: Any) -> None:
+        nonlocal committed
+        committed = max(committed, max(offsets.values()))
+        first_commit.append(time.perf_counter())
+        if committed >= len(texts):
+            done.set()
+
+    stop = anyio.Event()
+    began = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, on_commit=on_commit))
+        if rate is not None:
+            tasks.start_soon(lambda: _produce(config, texts, rate=rate))
+        await done.wait()
+        elapsed = time.perf_counter() - began
+        stop.set()
+    latencies = await _latencies(config, len(texts)) if rate is not None else []
+    return Rate(len(texts), elapsed), latencies
+
+
+async def _latencies(config: Config, count: int) -> list[float]:
+    """Per atom: output record time minus input record time, in milliseconds."""
+
+    async def times(topic: str) -> dict[bytes, int]:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=config.kafka.bootstrap_servers,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        found: dict[bytes, int] = {}
+        try:
+            with anyio.move_on_after(60):
+                while len(found) < count:
+                    for messages in (await consumer.getmany(timeout_ms=500)).values():
+                        for message in messages:
+                            found.setdefault(message.key, message.timestamp)
+        finally:
+            await consumer.stop()
+        return found
+
+    produced = await times(config.topics.atoms)
+    output = await times(config.topics.embeddings(config.routing.stable_model))
+    return [float(output[k] - produced[k]) for k in output if k in produced]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+async def run_bench(
+    config: Config,
+    *,
+    workloads: Sequence[str],
+    atoms: int,
+    runs: int,
+    dual: str | None,
+    load_secs: float,
+    out: Path,
+) -> dict[str, Any]:
+    """Run every measurement; write JSON and a PNG plot under `out`; return the report."""
+    pool = ModelPool(config)
+    model = config.routing.stable_model
+    embedder = await pool.get(model)
+    results: list[WorkloadResult] = []
+    for name in workloads:
+        texts = workload_texts(name, atoms)
+        lengths = embedder.tokenize(texts).lengths
+        result = WorkloadResult(name=name, mean_tokens=float(np.mean(lengths)))
+        measured: dict[str, list[Rate]] = {"model_only": [], "embedder": [], "end_to_end": []}
+        for _ in range(runs):
+            measured["model_only"].append(
+                await anyio.to_thread.run_sync(model_only, embedder, texts)
+            )
+            measured["embedder"].append(
+                await anyio.to_thread.run_sync(embedder_rate, embedder, texts)
+            )
+            measured["end_to_end"].append((await end_to_end(config, pool, texts))[0])
+        result.runs = {k: [r.atoms_per_sec for r in v] for k, v in measured.items()}
+        result.model_only = _median(result.runs["model_only"])
+        result.embedder = _median(result.runs["embedder"])
+        result.end_to_end = _median(result.runs["end_to_end"])
+        result.tokens_per_sec = _median([r.tokens_per_sec for r in measured["embedder"]])
+        result.padding_model_only = _median([r.padding for r in measured["model_only"]])
+        result.padding_embedder = _median([r.padding for r in measured["embedder"]])
+        result.offered_rate = result.end_to_end / 2
+        load_count = max(8, int(result.offered_rate * load_secs))
+        _, latencies = await end_to_end(
+            config, pool, workload_texts(name, load_count, seed=8), rate=result.offered_rate
+        )
+        if latencies:
+            result.p50_ms = float(np.percentile(latencies, 50))
+            result.p99_ms = float(np.percentile(latencies, 99))
+        results.append(result)
+    report: dict[str, Any] = {
+        "model": model,
+        "device": config.runtime.device,
+        "atoms": atoms,
+        "runs": runs,
+        "max_wait_ms": config.batching.max_wait_ms,
+        "workloads": [{**asdict(r), "ratio_end_to_end_vs_model_only": r.ratio} for r in results],
+    }
+    if dual is not None:
+        texts = workload_texts("mixed", atoms)
+        second = await pool.get(dual)
+        a = _median([(await anyio.to_thread.run_sync(model_only, embedder, texts)).seconds])
+        b = _median([(await anyio.to_thread.run_sync(model_only, second, texts)).seconds])
+        both = [(await end_to_end(config, pool, texts, second_model=dual))[0] for _ in range(runs)]
+        ideal = len(texts) / (a + b)
+        measured_rate = _median([r.atoms_per_sec for r in both])
+        report["dual_write"] = {
+            "models": [model, dual],
+            "atoms_per_sec": measured_rate,
+            "ideal_atoms_per_sec": ideal,
+            "ratio": measured_rate / ideal,
+        }
+    await anyio.to_thread.run_sync(_write, report, results, out)
+    return report
+
+
+def _write(report: dict[str, Any], results: Sequence[WorkloadResult], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    _plot(results, out / "bench.png")
+
+
+def _plot(results: Sequence[WorkloadResult], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r.name for r in results]
+    x = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, (label, key) in enumerate(
+        (("model only", "model_only"), ("embedder", "embedder"), ("end to end", "end_to_end"))
+    ):
+        left.bar(x + (offset - 1) * 0.27, [getattr(r, key) for r in results], 0.27, label=label)
+    left.set_xticks(x, names)
+    left.set_ylabel("atoms/s")
+    left.set_title("throughput by workload")
+    left.legend()
+    right.bar(x - 0.2, [r.p50_ms for r in results], 0.4, label="p50")
+    right.bar(x + 0.2, [r.p99_ms for r in results], 0.4, label="p99")
+    right.set_xticks(x, names)
+    right.set_ylabel("ms")
+    right.set_title("latency at half the sustainable load")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain table."""
+    lines = [
+        f"model {report['model']} on {report['device']}, {report['atoms']} atoms, "
+        f"median of {report['runs']} run(s)",
+        f"{'workload':9} {'tokens':>6} {'model':>8} {'embedder':>9} {'e2e':>8} {'e2e/model':>9} "
+        f"{'tok/s':>8} {'pad(a)':>6} {'pad(b)':>6} {'load':>6} {'p50ms':>7} {'p99ms':>7}",
+    ]
+    for w in report["workloads"]:
+        lines.append(
+            f"{w['name']:9} {w['mean_tokens']:6.0f} {w['model_only']:8.1f} {w['embedder']:9.1f} "
+            f"{w['end_to_end']:8.1f} {w['ratio_end_to_end_vs_model_only']:9.2f} "
+            f"{w['tokens_per_sec']:8.0f} {w['padding_model_only']:6.2f} "
+            f"{w['padding_embedder']:6.2f} {w['offered_rate']:6.1f} {w['p50_ms']:7.0f} "
+            f"{w['p99_ms']:7.0f}"
+        )
+    if "dual_write" in report:
+        d = report["dual_write"]
+        lines.append(
+            f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
+            f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
+        )
+    return "\n".join(lines)

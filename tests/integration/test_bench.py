@@ -1,0 +1,59 @@
+"""`lattice-embed bench` runs end to end and writes well-formed numbers (not how fast)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.support.kafka import unique
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+@pytest.mark.timeout(240)
+async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: Path) -> None:
+    _, path = migration_config(unique("atoms"))
+    out = tmp_path / "bench"
+    done = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.cli",
+            "bench",
+            "--config",
+            str(path),
+            "--workloads",
+            "short,mixed",
+            "--atoms",
+            "24",
+            "--runs",
+            "2",
+            "--load-secs",
+            "2",
+            "--dual",
+            "tinyb",
+            "--out",
+            str(out),
+        ],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert [w["name"] for w in report["workloads"]] == ["short", "mixed"]
+    for workload in report["workloads"]:
+        for key in ("model_only", "embedder", "end_to_end", "tokens_per_sec", "offered_rate"):
+            assert workload[key] > 0, key
+        assert len(workload["runs"]["end_to_end"]) == 2
+        assert 0 <= workload["padding_embedder"] < 1
+        assert 0 < workload["p50_ms"] <= workload["p99_ms"]
+        ratio = workload["end_to_end"] / workload["model_only"]
+        assert workload["ratio_end_to_end_vs_model_only"] == pytest.approx(ratio)
+    assert report["dual_write"]["models"] == ["tiny", "tinyb"]
+    assert report["dual_write"]["atoms_per_sec"] > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "e2e/model" in done.stdout.decode()
