@@ -60,6 +60,7 @@ class MigrationWorker:
         self._chasing: dict[int, _Partition] = {}
         self.backfilled_events = 0
         self.has_pending_backfill = False
+        self._chunk = 8
 
     async def __aenter__(self) -> MigrationWorker:
         await self._reader.start()
@@ -160,11 +161,14 @@ class MigrationWorker:
         self.has_pending_backfill = bool(pending)
         if not pending:
             return False
+        deadline = time.monotonic() + self._config.batching.backfill_slice_ms / 1000
         for tp in pending[: migration.backfill.max_concurrent]:
+            if time.monotonic() >= deadline:
+                break
             if tp.partition in migration.handoffs:
-                await self._batch(migration, tp.partition, processor)
+                await self._batch(migration, tp.partition, processor, deadline)
             else:
-                await self._chase(migration, tp, consumer, processor)
+                await self._chase(migration, tp, consumer, processor, deadline)
         return True
 
     async def _chase(
@@ -173,6 +177,7 @@ class MigrationWorker:
         tp: TopicPartition,
         consumer: AIOKafkaConsumer,
         processor: WindowProcessor,
+        deadline: float,
     ) -> None:
         """`dual_write = false`: backfill up to the live head, then record the handoff there.
 
@@ -215,13 +220,10 @@ class MigrationWorker:
             return
         end = min(chase.next_offset + migration.backfill.batch_size, head)
         records = await self._read(tp.partition, chase.next_offset, end)
-        if records:
-            await processor.process(
-                records, (migration.target,), migration.migration_id, path="backfill"
-            )
-        self.backfilled_events += end - chase.next_offset
-        chase.next_offset = end
-        await self._checkpoint(migration, tp.partition, chase, end)
+        reached = await self._emit(migration, records, end, set(), processor, deadline)
+        self.backfilled_events += reached - chase.next_offset
+        chase.next_offset = reached
+        await self._checkpoint(migration, tp.partition, chase, reached)
 
     async def _checkpoint(
         self,
@@ -270,24 +272,49 @@ class MigrationWorker:
         return entry
 
     async def _batch(
-        self, migration: Migration, partition: int, processor: WindowProcessor
+        self, migration: Migration, partition: int, processor: WindowProcessor, deadline: float
     ) -> None:
         entry = self._partitions[partition]
         end = min(entry.next_offset + migration.backfill.batch_size, entry.handoff)
         records = await self._read(partition, entry.next_offset, end)
-        keep = [
-            r
-            for r in records
-            if (atom_id := _atom_id(r, self._config.limits.max_event_bytes)) is not None
-            and atom_id not in entry.live_keys
-        ]
-        if keep:
-            await processor.process(
-                keep, (migration.target,), migration.migration_id, path="backfill"
-            )
-        self.backfilled_events += end - entry.next_offset
-        entry.next_offset = end
-        await self._checkpoint(migration, partition, entry, end, force=end >= entry.handoff)
+        reached = await self._emit(migration, records, end, entry.live_keys, processor, deadline)
+        self.backfilled_events += reached - entry.next_offset
+        entry.next_offset = reached
+        await self._checkpoint(migration, partition, entry, reached, force=reached >= entry.handoff)
+
+    async def _emit(
+        self,
+        migration: Migration,
+        records: Sequence[SourceRecord],
+        end: int,
+        skip: set[str],
+        processor: WindowProcessor,
+        deadline: float,
+    ) -> int:
+        """Embed and produce `records` (all before `end`) in chunks until done or the time
+        slice is spent, so a live window never waits long; returns the offset reached."""
+        limit = self._config.limits.max_event_bytes
+        slice_secs = self._config.batching.backfill_slice_ms / 1000
+        done = 0
+        while done < len(records):
+            part = records[done : done + self._chunk]
+            keep = [
+                r
+                for r in part
+                if (atom_id := _atom_id(r, limit)) is not None and atom_id not in skip
+            ]
+            began = time.monotonic()
+            if keep:
+                await processor.process(
+                    keep, (migration.target,), migration.migration_id, path="backfill"
+                )
+                spent = max(time.monotonic() - began, 1e-3)
+                # One chunk should take about half a slice.
+                self._chunk = max(1, min(256, int(len(keep) / spent * slice_secs / 2)))
+            done += len(part)
+            if done < len(records) and time.monotonic() >= deadline:
+                return records[done].offset
+        return end
 
     async def _read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
         """Records of one atoms partition in [start, end)."""
@@ -310,6 +337,12 @@ class MigrationWorker:
             self._key = key
             self._partitions.clear()
             self._chasing.clear()
+
+
+def _wanted(record: SourceRecord, max_event_bytes: int, skip: set[str]) -> bool:
+    """Backfill emits valid events whose key the live path has not written since handoff."""
+    atom_id = _atom_id(record, max_event_bytes)
+    return atom_id is not None and atom_id not in skip
 
 
 def _atom_id(record: SourceRecord, max_event_bytes: int) -> str | None:

@@ -136,13 +136,15 @@ def embedder_rate(embedder: Embedder, texts: Sequence[str]) -> Rate:
     return Rate(len(texts), time.perf_counter() - began, stats.tokens, stats.padded_tokens)
 
 
-async def _produce(config: Config, texts: Sequence[str], *, rate: float | None = None) -> None:
+async def _produce(
+    config: Config, texts: Sequence[str], *, rate: float | None = None, prefix: str = "b"
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers, linger_ms=5)
     await producer.start()
     try:
         began = time.monotonic()
         for i, text in enumerate(texts):
-            atom_id = f"b-{i}"
+            atom_id = f"{prefix}-{i}"
             value = msgspec.json.encode({"type": "atom.created", "atom_id": atom_id, "text": text})
             await producer.send(config.topics.atoms, value, atom_id.encode())
             if rate is not None:
@@ -215,7 +217,7 @@ async def end_to_end(
     return Rate(len(texts), elapsed), latencies
 
 
-async def _latencies(config: Config, count: int) -> list[float]:
+async def _latencies(config: Config, count: int, prefix: bytes = b"") -> list[float]:
     """Per atom: output record time minus input record time, in milliseconds."""
 
     async def times(topic: str) -> dict[bytes, int]:
@@ -232,7 +234,8 @@ async def _latencies(config: Config, count: int) -> list[float]:
                 while len(found) < count:
                     for messages in (await consumer.getmany(timeout_ms=500)).values():
                         for message in messages:
-                            found.setdefault(message.key, message.timestamp)
+                            if message.key.startswith(prefix):
+                                found.setdefault(message.key, message.timestamp)
         finally:
             await consumer.stop()
         return found
@@ -240,6 +243,64 @@ async def _latencies(config: Config, count: int) -> list[float]:
     produced = await times(config.topics.atoms)
     output = await times(config.topics.embeddings(config.routing.stable_model))
     return [float(output[k] - produced[k]) for k in output if k in produced]
+
+
+async def backfill_latency(
+    config: Config, pool: ModelPool, target: str, *, history: int, rate: float, secs: float
+) -> dict[str, float]:
+    """Live p50/p99 at `rate` atoms/s with no migration, then while `history` atoms are
+    backfilled to `target`; and the backfill rate reached meanwhile."""
+    from stream.control import ControlPlane
+
+    config = _fresh(config, "backfill")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
+    await _produce(config, workload_texts("mixed", history), prefix="h")
+    await pool.get(target)
+    count = max(4, int(rate * secs))
+    committed = 0
+    backlog_done = anyio.Event()
+
+    def on_commit(offsets: Any) -> None:
+        nonlocal committed
+        committed = max(committed, max(offsets.values()))
+        if committed >= history:
+            backlog_done.set()
+
+    stop = anyio.Event()
+    result: dict[str, float] = {}
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, on_commit=on_commit))
+        await backlog_done.wait()
+        await _produce(config, workload_texts("mixed", count, seed=9), rate=rate, prefix="idle")
+        command = StartMigration(
+            migration_id="bench",
+            source_model=config.routing.stable_model,
+            target_model=target,
+        )
+        await send_command(config, command)
+        began = time.monotonic()
+        await _produce(config, workload_texts("mixed", count, seed=10), rate=rate, prefix="busy")
+        async with ControlPlane(config) as control:
+            state = await control.replay()
+        progress = state.migration.progress if state.migration else None
+        result["backfill_atoms_per_sec"] = (progress.processed if progress else 0) / (
+            time.monotonic() - began
+        )
+        result["backfill_done"] = float(progress.processed if progress else 0)
+        result["backfill_total"] = float(progress.total or 0 if progress else 0)
+        stop.set()
+    idle = await _latencies(config, count, b"idle-")
+    busy = await _latencies(config, count, b"busy-")
+    result.update(
+        live_rate=rate,
+        idle_p50_ms=float(np.percentile(idle, 50)),
+        idle_p99_ms=float(np.percentile(idle, 99)),
+        busy_p50_ms=float(np.percentile(busy, 50)),
+        busy_p99_ms=float(np.percentile(busy, 99)),
+    )
+    result["p99_ratio"] = result["busy_p99_ms"] / result["idle_p99_ms"]
+    return result
 
 
 def _median(values: list[float]) -> float:
@@ -255,6 +316,7 @@ async def run_bench(
     dual: str | None,
     load_secs: float,
     out: Path,
+    backfill_target: str | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report."""
     pool = ModelPool(config)
@@ -312,6 +374,11 @@ async def run_bench(
             "ideal_atoms_per_sec": ideal,
             "ratio": measured_rate / ideal,
         }
+    if backfill_target is not None:
+        live_rate = max(1.0, (results[0].end_to_end if results else 10.0) / 4)
+        report["backfill_latency"] = await backfill_latency(
+            config, pool, backfill_target, history=atoms * 4, rate=live_rate, secs=load_secs
+        )
     await anyio.to_thread.run_sync(_write, report, results, out)
     return report
 
@@ -367,6 +434,14 @@ def format_table(report: dict[str, Any]) -> str:
             f"{w['tokens_per_sec']:8.0f} {w['padding_model_only']:6.2f} "
             f"{w['padding_embedder']:6.2f} {w['offered_rate']:6.1f} {w['p50_ms']:7.0f} "
             f"{w['p99_ms']:7.0f}"
+        )
+    if "backfill_latency" in report:
+        b = report["backfill_latency"]
+        lines.append(
+            f"live at {b['live_rate']:.1f} atoms/s: p99 idle {b['idle_p99_ms']:.0f} ms, under "
+            f"backfill {b['busy_p99_ms']:.0f} ms (x{b['p99_ratio']:.2f}); backfill "
+            f"{b['backfill_atoms_per_sec']:.1f} atoms/s ({b['backfill_done']:.0f}/"
+            f"{b['backfill_total']:.0f} meanwhile)"
         )
     if "dual_write" in report:
         d = report["dual_write"]

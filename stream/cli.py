@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     bench.add_argument("--dual", metavar="MODEL", help="also measure dual-write with MODEL")
     bench.add_argument("--load-secs", type=float, default=10.0, help="offered-load duration")
+    bench.add_argument(
+        "--backfill-latency",
+        metavar="MODEL",
+        help="also measure live p99 idle vs while a history is backfilled to MODEL",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(
@@ -201,6 +206,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
                 dual=args.dual,
                 load_secs=args.load_secs,
                 out=Path(args.out),
+                backfill_target=args.backfill_latency,
             )
         )
     finally:

@@ -92,6 +92,8 @@ class BatchingConfig(_Section, frozen=True):
     micro_batch_atoms: PositiveInt = 64
     max_batch_tokens: PositiveInt = 16_384
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+    # Backfill runs in slices of about this long between live windows (live traffic first).
+    backfill_slice_ms: PositiveInt = 200
 
 
 class RuntimeConfig(_Section, frozen=True):

@@ -55,5 +55,9 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
         assert workload["ratio_end_to_end_vs_model_only"] == pytest.approx(ratio)
     assert report["dual_write"]["models"] == ["tiny", "tinyb"]
     assert report["dual_write"]["atoms_per_sec"] > 0
+    latency = report["backfill_latency"]
+    assert latency["idle_p99_ms"] > 0 and latency["busy_p99_ms"] > 0
+    assert latency["p99_ratio"] == pytest.approx(latency["busy_p99_ms"] / latency["idle_p99_ms"])
+    assert 0 <= latency["backfill_done"] <= latency["backfill_total"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "e2e/model" in done.stdout.decode()

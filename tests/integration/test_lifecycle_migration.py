@@ -90,10 +90,17 @@ async def test_full_lifecycle_two_instances_with_a_kill(
                 await converged(bootstrap, atoms, config.topics.embeddings("tiny"), within=120)
 
                 statuses: dict[int, set[bytes]] = defaultdict(set)
+                switched = 0
                 for record in await read_all(bootstrap, config.topics.routing):
                     status = msgspec.json.decode(record.value, type=RoutingStatus)
                     if status.control_offset is not None:
                         statuses[status.control_offset].add(record.value)
+                    if status.phase is RoutingPhase.MIGRATING and status.query_model == "tinyb":
+                        progress = status.progress
+                        assert progress is not None and progress.total, "never before it is known"
+                        assert progress.processed / progress.total >= 0.8, "not before threshold"
+                        switched += 1
+                assert switched, "the query switched to the target before the cutover"
                 assert statuses and all(len(v) == 1 for v in statuses.values()), "G5"
                 for child in (second, restarted):
                     child.send_signal(signal.SIGTERM)

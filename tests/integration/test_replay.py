@@ -188,3 +188,16 @@ async def test_dry_run_counts_and_estimates_without_changing_anything(
         check=False,
     )
     assert same.returncode == 2 and "are the same model" in same.stderr.decode()
+
+
+@pytest.mark.timeout(60)
+async def test_status_watch_shows_phase_and_models(migration_config: Any) -> None:
+    _, path = migration_config(unique("atoms"))
+    command = [sys.executable, "-m", "stream.cli", "status", "--watch", "--config", str(path)]
+    async with await anyio.open_process(command) as watch:
+        assert watch.stdout is not None
+        seen = b""
+        with anyio.fail_after(45):
+            while b"stable query=tiny write=tiny" not in seen:
+                seen += await watch.stdout.receive()
+        watch.terminate()
