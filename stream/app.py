@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 import anyio
 
@@ -69,6 +70,7 @@ async def run_processor(
     role: str = "all",
     stop: anyio.Event | None = None,
     on_commit: CommitHook | None = None,
+    on_assigned: Callable[[], None] | None = None,
     models: ModelPool | None = None,
 ) -> LiveStats:
     """Run the processor until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
@@ -88,7 +90,7 @@ async def run_processor(
         for model in _needed_models(state):
             await models.get(model)
         async with MigrationWorker(config, control, backfill=role != "live") as migration:
-            await _consume(config, control, migration, models, stats, stop, on_commit)
+            await _consume(config, control, migration, models, stats, stop, on_commit, on_assigned)
     log.info(
         "stopped: %d atoms in, outputs %s, dead letters %s",
         stats.atoms_in,
@@ -113,6 +115,7 @@ async def _consume(
     stats: LiveStats,
     stop: anyio.Event,
     on_commit: CommitHook | None,
+    on_assigned: Callable[[], None] | None,
 ) -> None:
     producer = make_producer(config.kafka)
     consumer = make_consumer(config.kafka, group_id=config.kafka.group_id)
@@ -128,7 +131,15 @@ async def _consume(
             )
 
         processor = WindowProcessor(config, models, send, stats)
-        live = LiveConsumer(config, consumer, processor, control, migration, on_commit=on_commit)
+        live = LiveConsumer(
+            config,
+            consumer,
+            processor,
+            control,
+            migration,
+            on_commit=on_commit,
+            on_assigned=on_assigned,
+        )
         consumer.subscribe([config.topics.atoms], listener=live)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_stop_on_signals, stop)

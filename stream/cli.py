@@ -120,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--backfill-latency",
         metavar="MODEL",
-        help="also measure live p99 idle vs while a history is backfilled to MODEL",
+        help="also measure live p99 idle vs while a history (4 x --atoms) is backfilled to MODEL",
+    )
+    bench.add_argument(
+        "--live-rate",
+        type=float,
+        default=5.0,
+        help="offered live atoms/s for --backfill-latency (default 5)",
     )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
@@ -207,6 +213,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
                 load_secs=args.load_secs,
                 out=Path(args.out),
                 backfill_target=args.backfill_latency,
+                backfill_live_rate=args.live_rate,
             )
         )
     finally:

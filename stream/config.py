@@ -87,7 +87,7 @@ class LimitsConfig(_Section, frozen=True):
 class BatchingConfig(_Section, frozen=True):
     """How atoms are grouped for the model."""
 
-    window_atoms: PositiveInt = 256
+    window_atoms: PositiveInt = 1024
     max_wait_ms: PositiveInt = 50
     micro_batch_atoms: PositiveInt = 64
     max_batch_tokens: PositiveInt = 16_384

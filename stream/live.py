@@ -43,6 +43,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         migration: MigrationWorker,
         *,
         on_commit: CommitHook | None = None,
+        on_assigned: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._consumer = consumer
@@ -53,6 +54,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._idle.set()
         self._busy = False
         self._on_commit = on_commit
+        self._on_assigned = on_assigned
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first."""
@@ -159,3 +161,5 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         """Log the new assignment."""
         log.info("assigned partitions: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        if assigned and self._on_assigned is not None:
+            self._on_assigned()
