@@ -48,6 +48,7 @@ async def send_command(config: Config, command: ControlCommand) -> tuple[bool, R
 
 async def watch_status(config: Config, *, interval: float = 1.0) -> None:
     """Print phase, models and a live backfill progress bar until interrupted."""
+    await prepare_topics(config)
     async with ControlPlane(config) as control:
         await control.replay()
         async with anyio.create_task_group() as tasks:
