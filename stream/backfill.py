@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -52,15 +52,17 @@ class MigrationWorker:
         self._config = config
         self._control = control
         self._backfill_enabled = backfill
+        # Range reads: a long-poll at the log end would only delay the next seek.
         self._reader: AIOKafkaConsumer = make_consumer(
-            config.kafka, group_id=None, isolation_level="read_committed"
+            config.kafka, group_id=None, fetch_max_wait_ms=10
         )
         self._key: tuple[str, int] | None = None
         self._partitions: dict[int, _Partition] = {}
         self._chasing: dict[int, _Partition] = {}
         self.backfilled_events = 0
         self.has_pending_backfill = False
-        self._chunk = 8
+        self._bytes_per_sec = 20_000.0
+        self._live_waiting: Callable[[], bool] = lambda: False
 
     async def __aenter__(self) -> MigrationWorker:
         await self._reader.start()
@@ -104,20 +106,26 @@ class MigrationWorker:
             offset = first_in_window.get(tp.partition)
             if offset is None:
                 offset = await consumer.position(tp)
-            last = await self._control.append(
-                HandoffRecorded(
-                    migration_id=migration.migration_id,
-                    epoch=migration.epoch,
-                    partition=tp.partition,
-                    offset=offset,
-                    log_start=min(int(starts[tp]), offset),
-                    partitions=partitions,
-                )
-            )
-            log.info(
-                "handoff %s partition %d at offset %d", migration.migration_id, tp.partition, offset
+            last = await self._record_handoff(
+                migration, tp.partition, offset, int(starts[tp]), partitions
             )
         return await self._control.wait_applied(last)
+
+    async def _record_handoff(
+        self, migration: Migration, partition: int, offset: int, log_start: int, partitions: int
+    ) -> int:
+        """Append the handoff of one partition; returns its control-log offset."""
+        log.info("handoff %s partition %d at offset %d", migration.migration_id, partition, offset)
+        return await self._control.append(
+            HandoffRecorded(
+                migration_id=migration.migration_id,
+                epoch=migration.epoch,
+                partition=partition,
+                offset=offset,
+                log_start=min(log_start, offset),
+                partitions=partitions,
+            )
+        )
 
     def after_window(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
         """Remember the keys written live at or after each owned partition's handoff."""
@@ -132,7 +140,11 @@ class MigrationWorker:
                     entry.live_keys.add(atom_id)
 
     async def step(
-        self, state: RoutingState, consumer: AIOKafkaConsumer, processor: WindowProcessor
+        self,
+        state: RoutingState,
+        consumer: AIOKafkaConsumer,
+        processor: WindowProcessor,
+        live_waiting: Callable[[], bool] = lambda: False,
     ) -> bool:
         """Run up to `max_concurrent` backfill batches for owned partitions; True if it did work."""
         migration = state.active
@@ -162,8 +174,9 @@ class MigrationWorker:
         if not pending:
             return False
         deadline = time.monotonic() + self._config.batching.backfill_slice_ms / 1000
+        self._live_waiting = live_waiting
         for tp in pending[: migration.backfill.max_concurrent]:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or live_waiting():
                 break
             if tp.partition in migration.handoffs:
                 await self._batch(migration, tp.partition, processor, deadline)
@@ -199,21 +212,9 @@ class MigrationWorker:
         head = await consumer.position(tp)
         if chase.next_offset >= head:
             await self._checkpoint(migration, tp.partition, chase, head, force=True)
-            last = await self._control.append(
-                HandoffRecorded(
-                    migration_id=migration.migration_id,
-                    epoch=migration.epoch,
-                    partition=tp.partition,
-                    offset=head,
-                    log_start=min(chase.log_start, head),
-                    partitions=len(consumer.partitions_for_topic(tp.topic) or ()),
-                )
-            )
-            log.info(
-                "backfill caught up: handoff %s partition %d at %d",
-                migration.migration_id,
-                tp.partition,
-                head,
+            partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+            last = await self._record_handoff(
+                migration, tp.partition, head, chase.log_start, partitions
             )
             self._chasing.pop(tp.partition)
             await self._control.wait_applied(last)
@@ -291,28 +292,31 @@ class MigrationWorker:
         processor: WindowProcessor,
         deadline: float,
     ) -> int:
-        """Embed and produce `records` (all before `end`) in chunks until done or the time
-        slice is spent, so a live window never waits long; returns the offset reached."""
+        """Embed and produce `records` (all before `end`) in chunks until done, the slice is
+        spent or live atoms are waiting, so a live window never waits long; returns the
+        offset reached."""
         limit = self._config.limits.max_event_bytes
-        slice_secs = self._config.batching.backfill_slice_ms / 1000
+        chunk_secs = self._config.batching.backfill_chunk_ms / 1000
         done = 0
         while done < len(records):
-            part = records[done : done + self._chunk]
-            keep = [
-                r
-                for r in part
-                if (atom_id := _atom_id(r, limit)) is not None and atom_id not in skip
-            ]
+            # A chunk holds about `chunk_secs` of model time, sized by text bytes (a better
+            # proxy for tokens than a count of atoms when lengths are heavy-tailed).
+            budget, size, count = self._bytes_per_sec * chunk_secs, 0, 0
+            while done + count < len(records) and (count == 0 or size < budget):
+                size += len(records[done + count].value or b"")
+                count += 1
+            part = records[done : done + count]
+            keep = [r for r in part if _wanted(r, limit, skip)]
             began = time.monotonic()
             if keep:
                 await processor.process(
                     keep, (migration.target,), migration.migration_id, path="backfill"
                 )
                 spent = max(time.monotonic() - began, 1e-3)
-                # One chunk should take about half a slice.
-                self._chunk = max(1, min(256, int(len(keep) / spent * slice_secs / 2)))
-            done += len(part)
-            if done < len(records) and time.monotonic() >= deadline:
+                measured = sum(len(r.value or b"") for r in keep) / spent
+                self._bytes_per_sec = 0.5 * self._bytes_per_sec + 0.5 * measured
+            done += count
+            if done < len(records) and (time.monotonic() >= deadline or self._live_waiting()):
                 return records[done].offset
         return end
 

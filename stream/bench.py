@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.control import BackfillConfig, StartMigration
 from stream.app import prepare_topics, run_processor
-from stream.config import Config
+from stream.config import Config, with_run_topics
 from stream.corpus import sample_texts
 from stream.embedder import Embedder
 from stream.kafka.admin import Admin, TopicSpec
@@ -157,17 +157,7 @@ async def _produce(
 
 
 def _fresh(config: Config, tag: str) -> Config:
-    run = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
-    topics = msgspec.structs.replace(
-        config.topics,
-        atoms=f"{run}.atoms",
-        control=f"{run}.control",
-        routing=f"{run}.routing",
-        dlq=f"{run}.dlq",
-        embeddings_prefix=f"{run}.embeddings.",
-    )
-    kafka = msgspec.structs.replace(config.kafka, group_id=run)
-    return msgspec.structs.replace(config, topics=topics, kafka=kafka)
+    return with_run_topics(config, f"bench-{tag}-{uuid.uuid4().hex[:6]}")
 
 
 async def end_to_end(

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="measure model-only and end-to-end throughput (and latency) in one run",
     )
-    bench.add_argument("--workloads", default="short,medium,long,mixed")
+    bench.add_argument(
+        "--workloads", default="short,medium,long,mixed", help="comma-separated, or none"
+    )
     bench.add_argument("--atoms", type=int, default=256, help="atoms per workload and run")
     bench.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     bench.add_argument("--dual", metavar="MODEL", help="also measure dual-write with MODEL")
@@ -187,7 +189,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
 
     from stream.bench import WORKLOADS, format_table, run_bench
 
-    workloads = [w for w in args.workloads.split(",") if w]
+    workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         raise ConfigError(f"bench: unknown workload(s) {sorted(unknown)}; use {WORKLOADS}")

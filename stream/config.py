@@ -92,8 +92,11 @@ class BatchingConfig(_Section, frozen=True):
     micro_batch_atoms: PositiveInt = 64
     max_batch_tokens: PositiveInt = 16_384
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
-    # Backfill runs in slices of about this long between live windows (live traffic first).
-    backfill_slice_ms: PositiveInt = 200
+    # Live traffic first: backfill runs in chunks of about `backfill_chunk_ms` of model time,
+    # yields to the live path as soon as live atoms are waiting, and at the latest after
+    # `backfill_slice_ms`.
+    backfill_chunk_ms: PositiveInt = 25
+    backfill_slice_ms: PositiveInt = 1000
 
 
 class RuntimeConfig(_Section, frozen=True):
@@ -228,3 +231,21 @@ def bundled_model_path() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+def with_run_topics(config: Config, run: str, *, bootstrap: str | None = None) -> Config:
+    """The config with its own topics and group, all named after `run` (demo, bench)."""
+    topics = msgspec.structs.replace(
+        config.topics,
+        atoms=f"{run}.atoms",
+        control=f"{run}.control",
+        routing=f"{run}.routing",
+        dlq=f"{run}.dlq",
+        embeddings_prefix=f"{run}.embeddings.",
+    )
+    kafka = msgspec.structs.replace(
+        config.kafka,
+        group_id=run,
+        bootstrap_servers=bootstrap or config.kafka.bootstrap_servers,
+    )
+    return msgspec.structs.replace(config, topics=topics, kafka=kafka)

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.embeddings import EmbeddingRecord
 from stream.app import run_processor
-from stream.config import Config
+from stream.config import Config, with_run_topics
 from stream.corpus import sample_texts
 from stream.kafka.admin import Admin, TopicSpec
 from stream.localbroker import local_bootstrap, start_local_broker, stop_local_broker
@@ -38,18 +38,7 @@ def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
     if not (started := start_local_broker(_print)):
         _print("using the local Kafka broker that is already running")
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
-    topics = msgspec.structs.replace(
-        config.topics,
-        atoms=f"demo-{run_id}.atoms",
-        control=f"demo-{run_id}.control",
-        routing=f"demo-{run_id}.routing",
-        dlq=f"demo-{run_id}.dlq",
-        embeddings_prefix=f"demo-{run_id}.embeddings.",
-    )
-    kafka = msgspec.structs.replace(
-        config.kafka, bootstrap_servers=local_bootstrap(), group_id=f"demo-{run_id}"
-    )
-    demo_config = msgspec.structs.replace(config, topics=topics, kafka=kafka)
+    demo_config = with_run_topics(config, f"demo-{run_id}", bootstrap=local_bootstrap())
     try:
         anyio.run(_demo, demo_config, atoms)
     finally:

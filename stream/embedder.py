@@ -84,6 +84,8 @@ class Embedder:
         A text is overlong when it needs more than `max_tokens` tokens, special tokens
         and prefix included (Hugging Face's `max_length`).
         """
+        if not texts:  # a window of deletes only; tokenizers reject an empty batch
+            return Tokenized(input_ids=[], overlong=[])
         prefix = self.config.query_prefix if query else self.config.document_prefix
         limit = self.config.max_tokens
         prefixed = [prefix + text for text in texts] if prefix else list(texts)

@@ -55,6 +55,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._busy = False
         self._on_commit = on_commit
         self._on_assigned = on_assigned
+        self._processed: dict[TopicPartition, int] = {}
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first."""
@@ -97,9 +98,20 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             if group:
                 await self._processor.process(group, models, migration.migration_id)
 
+    def _live_waiting(self) -> bool:
+        """Live atoms are in the log past what this instance has processed (no I/O: the
+        high-water marks come with the consumer's background fetches)."""
+        for tp, processed in self._processed.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None and highwater > processed:
+                return True
+        return False
+
     async def _backfill_step(self) -> None:
         try:
-            await self._migration.step(await self._control.sync(), self._consumer, self._processor)
+            await self._migration.step(
+                await self._control.sync(), self._consumer, self._processor, self._live_waiting
+            )
         except RetryWindow as exc:
             log.error("backfill batch failed (%s); it is redone from its checkpoint", exc)
             self._migration.forget(tp.partition for tp in self._consumer.assignment())
@@ -137,6 +149,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("commit after a rebalance failed (the new owner redoes it): %r", exc)
             return
+        self._processed.update(offsets)
         if self._on_commit is not None:
             self._on_commit({tp.partition: offset for tp, offset in offsets.items()})
 
@@ -157,6 +170,8 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             with anyio.move_on_after(self._config.kafka.max_poll_interval_ms / 2000):
                 await self._idle.wait()
         self._migration.forget(tp.partition for tp in revoked)
+        for tp in revoked:
+            self._processed.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         """Log the new assignment."""

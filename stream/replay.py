@@ -68,7 +68,7 @@ async def replay(
         partitions = await admin.partition_count(config.topics.atoms)
     if partitions is None:
         raise ConfigError(f"replay: topic {config.topics.atoms} does not exist")
-    reader = make_consumer(config.kafka, group_id=None)
+    reader = make_consumer(config.kafka, group_id=None, fetch_max_wait_ms=10)
     producer = make_producer(config.kafka)
     result = ReplayResult()
     async with kafka_errors("replay", config.kafka.bootstrap_servers):

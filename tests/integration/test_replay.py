@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import Any
 
@@ -13,6 +14,11 @@ from schemas.embeddings import EmbeddingRecord
 from tests.support.kafka import atom_value, create_topic, delete_value, produce, read_all, unique
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run `lattice-embed ARGS` to completion."""
+    return await anyio.run_process([sys.executable, "-m", "stream.cli", *args], check=False)
 
 
 @pytest.mark.timeout(120)
@@ -35,22 +41,8 @@ async def test_replay_range_skips_keys_with_newer_versions(
             (b"e", atom_value("e", "after the range")),  # 6
         ],
     )
-    done = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "replay",
-            "--config",
-            str(path),
-            "--model",
-            "tinyb",
-            "--from-offset",
-            "0:0",
-            "--to",
-            "0:4",
-        ],
-        check=False,
+    done = await cli(
+        "replay", "--config", str(path), "--model", "tinyb", "--from-offset", "0:0", "--to", "0:4"
     )
     assert done.returncode == 0, done.stderr.decode()
     assert (
@@ -62,77 +54,38 @@ async def test_replay_range_skips_keys_with_newer_versions(
     record = msgspec.json.decode(out[0].value, type=EmbeddingRecord)
     assert (record.path, record.source.offset, record.model) == ("backfill", 1, "tinyb")
 
-    again = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "replay",
-            "--config",
-            str(path),
-            "--model",
-            "tinyb",
-            "--from-offset",
-            "0:6",
-        ],
-        check=False,
-    )
+    again = await cli("replay", "--config", str(path), "--model", "tinyb", "--from-offset", "0:6")
     assert again.returncode == 0, again.stderr.decode()
     assert [r.key for r in await read_all(bootstrap, config.topics.embeddings("tinyb"))] == [
         b"b",
         b"e",
     ]
-    bad = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli",
-            "replay",
-            "--config",
-            str(path),
-            "--model",
-            "nope",
-            "--from-offset",
-            "0:0",
-        ],
-        check=False,
-    )
+    bad = await cli("replay", "--config", str(path), "--model", "nope", "--from-offset", "0:0")
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr.decode()
 
 
 @pytest.mark.timeout(120)
 async def test_control_cli_reports_acceptance_and_rejection(migration_config: Any) -> None:
     _, path = migration_config(unique("atoms"))
-    cli = [sys.executable, "-m", "stream.cli", "control"]
-    rejected = await anyio.run_process(
-        [*cli, "finalize", "--config", str(path), "--migration-id", "m9"],
-        check=False,
-    )
+    config = ("--config", str(path))
+    rejected = await cli("control", "finalize", *config, "--migration-id", "m9")
     assert rejected.returncode == 1
     assert rejected.stderr.decode() == "lattice-embed: control: rejected: no migration m9\n"
-    accepted = await anyio.run_process(
-        [
-            *cli,
-            "start-migration",
-            "--config",
-            str(path),
-            "--migration-id",
-            "m1",
-            "--target",
-            "tinyb",
-            "--threshold",
-            "0.5",
-        ],
-        check=False,
+    accepted = await cli(
+        "control",
+        "start-migration",
+        *config,
+        "--migration-id",
+        "m1",
+        "--target",
+        "tinyb",
+        "--threshold",
+        "0.5",
     )
     assert accepted.returncode == 0, accepted.stderr.decode()
-    assert (
-        "phase=migrating state=in_progress query=tiny write=tiny,tinyb" in accepted.stdout.decode()
-    )
-    status = await anyio.run_process(
-        [sys.executable, "-m", "stream.cli", "status", "--json", "--config", str(path)],
-        check=False,
-    )
+    expected = "phase=migrating state=in_progress query=tiny write=tiny,tinyb"
+    assert expected in accepted.stdout.decode()
+    status = await cli("status", "--json", *config)
     assert status.returncode == 0
     decoded = msgspec.json.decode(status.stdout)
     assert decoded["migration_id"] == "m1" and decoded["progress"]["total"] is None
@@ -149,44 +102,16 @@ async def test_dry_run_counts_and_estimates_without_changing_anything(
     await produce(
         bootstrap, atoms, [(f"k{i}".encode(), atom_value(f"k{i}", f"text {i}")) for i in range(50)]
     )
-    cli = [sys.executable, "-m", "stream.cli"]
-    done = await anyio.run_process(
-        [
-            *cli,
-            "control",
-            "start-migration",
-            "--config",
-            str(path),
-            "--migration-id",
-            "m1",
-            "--target",
-            "tinyb",
-            "--dry-run",
-        ],
-        check=False,
-    )
+    start = ("control", "start-migration", "--config", str(path), "--migration-id", "m1")
+    done = await cli(*start, "--target", "tinyb", "--dry-run")
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()
     assert "source tiny: dim 32" in out and "target tinyb: dim 48" in out
     assert "events to backfill: 50" in out and "estimated backfill time:" in out
     assert "nothing was changed" in out
-    status = await anyio.run_process([*cli, "status", "--json", "--config", str(path)])
+    status = await cli("status", "--json", "--config", str(path))
     assert msgspec.json.decode(status.stdout)["migration_id"] is None
-    same = await anyio.run_process(
-        [
-            *cli,
-            "control",
-            "start-migration",
-            "--config",
-            str(path),
-            "--migration-id",
-            "m1",
-            "--target",
-            "tiny",
-            "--dry-run",
-        ],
-        check=False,
-    )
+    same = await cli(*start, "--target", "tiny", "--dry-run")
     assert same.returncode == 2 and "are the same model" in same.stderr.decode()
 
 

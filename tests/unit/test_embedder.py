@@ -74,3 +74,10 @@ def test_unreadable_model_directory_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"^model m: cannot load"):
         Embedder("m", ModelConfig(path=str(tmp_path)))
+
+
+def test_nothing_to_embed_is_an_empty_result(tiny: Embedder) -> None:
+    tokens = tiny.tokenize([])
+    assert tokens.input_ids == [] and tokens.overlong == []
+    vectors, stats = tiny.embed_tokens(tokens)
+    assert vectors.shape == (0, 32) and stats.atoms == 0 and stats.batches == 0
