@@ -7,6 +7,8 @@ import signal
 from collections.abc import Callable
 
 import anyio
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from schemas.routing import RoutingStatus
 from stream.backfill import MigrationWorker
@@ -16,6 +18,7 @@ from stream.embedder import check_model_source
 from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
 from stream.live import CommitHook, LiveConsumer
+from stream.metrics import Health, Metrics, Sources
 from stream.models import ModelPool
 from stream.pipeline import LiveStats, WindowProcessor
 from stream.routing import RoutingState
@@ -80,24 +83,99 @@ async def run_processor(
     """
     stop = stop or anyio.Event()
     stats = LiveStats()
+    health = Health()
+    sources = Sources(stats=stats, health=health)
     check_model_source(config.routing.stable_model, config.models[config.routing.stable_model])
+
+    def assigned() -> None:
+        health.assigned = True
+        if on_assigned is not None:
+            on_assigned()
+
+    # First contact with Kafka before anything else starts: a bad broker address or bad
+    # credentials end the start with one line.
     if await prepare_topics(config) is None:
         log.warning("input topic %s does not exist yet; waiting for it", config.topics.atoms)
-    models = models or ModelPool(config)
-    async with ControlPlane(config, publish_status=True) as control:
-        state = await control.replay()
-        log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
-        for model in _needed_models(state):
-            await models.get(model)
-        async with MigrationWorker(config, control, backfill=role != "live") as migration:
-            await _consume(config, control, migration, models, stats, stop, on_commit, on_assigned)
+    try:
+        async with anyio.create_task_group() as server:
+            if config.metrics.enabled:
+                await server.start(_serve_metrics, Metrics(sources), config)
+            try:
+                await _start_and_consume(
+                    config, role, stop, models or ModelPool(config), sources, on_commit, assigned
+                )
+            finally:
+                health.stopping = True
+                server.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _sole_error(group) from None
     log.info(
-        "stopped: %d atoms in, outputs %s, dead letters %s",
-        stats.atoms_in,
-        dict(stats.outputs),
+        "stopped: atoms in %s, outputs %s, dead letters %s",
+        dict(stats.atoms_in),
+        {f"{model}/{path}": n for (model, path), n in stats.outputs.items()},
         dict(stats.dead_letters),
     )
     return stats
+
+
+async def _start_and_consume(
+    config: Config,
+    role: str,
+    stop: anyio.Event,
+    models: ModelPool,
+    sources: Sources,
+    on_commit: CommitHook | None,
+    on_assigned: Callable[[], None],
+) -> None:
+    """The whole control log, then the models the routing needs, then atoms."""
+    async with ControlPlane(config, publish_status=True) as control:
+        state = await control.replay()
+        sources.routing = lambda: control.state
+        sources.health.control_replayed = True
+        log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        for model in _needed_models(state):
+            await models.get(model)
+        sources.health.models_loaded = True
+        async with MigrationWorker(config, control, backfill=role != "live") as migration:
+            sources.backfilled = lambda: migration.backfilled_events
+            await _consume(
+                config,
+                control,
+                migration,
+                models,
+                sources.stats,
+                stop,
+                on_commit,
+                on_assigned,
+                sources,
+            )
+
+
+async def _serve_metrics(
+    metrics: Metrics, config: Config, *, task_status: TaskStatus[int | None] = TASK_STATUS_IGNORED
+) -> None:
+    """The metrics endpoint; a port that cannot be bound is logged, not fatal."""
+    try:
+        await metrics.serve(config.metrics.host, config.metrics.port, task_status=task_status)
+    except OSError as exc:
+        log.error(
+            "metrics: cannot listen on %s:%d: %s", config.metrics.host, config.metrics.port, exc
+        )
+        task_status.started(None)
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """A task group's one real failure, so callers see `BrokerUnavailable`, not a group."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+    return real[0] if len(real) == 1 else group
 
 
 def _needed_models(state: RoutingState) -> list[str]:
@@ -116,6 +194,7 @@ async def _consume(
     stop: anyio.Event,
     on_commit: CommitHook | None,
     on_assigned: Callable[[], None] | None,
+    sources: Sources,
 ) -> None:
     producer = make_producer(config.kafka)
     consumer = make_consumer(config.kafka, group_id=config.kafka.group_id)
@@ -140,6 +219,7 @@ async def _consume(
             on_commit=on_commit,
             on_assigned=on_assigned,
         )
+        sources.lag = live.lag
         consumer.subscribe([config.topics.atoms], listener=live)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_stop_on_signals, stop)

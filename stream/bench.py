@@ -31,6 +31,7 @@ from stream.config import Config, with_run_topics
 from stream.corpus import sample_texts
 from stream.embedder import Embedder
 from stream.kafka.admin import Admin, TopicSpec
+from stream.kafka.clients import connection_options
 from stream.models import ModelPool
 from stream.operator import send_command
 
@@ -139,7 +140,7 @@ def embedder_rate(embedder: Embedder, texts: Sequence[str]) -> Rate:
 async def _produce(
     config: Config, texts: Sequence[str], *, rate: float | None = None, prefix: str = "b"
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(**connection_options(config.kafka), linger_ms=5)
     await producer.start()
     try:
         began = time.monotonic()
@@ -157,7 +158,10 @@ async def _produce(
 
 
 def _fresh(config: Config, tag: str) -> Config:
-    return with_run_topics(config, f"bench-{tag}-{uuid.uuid4().hex[:6]}")
+    config = with_run_topics(config, f"bench-{tag}-{uuid.uuid4().hex[:6]}")
+    return msgspec.structs.replace(
+        config, metrics=msgspec.structs.replace(config.metrics, enabled=False)
+    )
 
 
 async def end_to_end(
@@ -223,7 +227,7 @@ async def _latencies(config: Config, count: int, prefix: bytes = b"") -> list[fl
     async def times(topic: str) -> dict[bytes, int]:
         consumer = AIOKafkaConsumer(
             topic,
-            bootstrap_servers=config.kafka.bootstrap_servers,
+            **connection_options(config.kafka),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )

@@ -100,11 +100,20 @@ class BatchingConfig(_Section, frozen=True):
 
 
 class RuntimeConfig(_Section, frozen=True):
-    """Where the models run."""
+    """Where the models run, and how the process logs."""
 
     device: str = "cpu"
     torch_threads: PositiveInt | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+
+class MetricsConfig(_Section, frozen=True):
+    """The HTTP endpoint for /metrics, /healthz and /readyz (port 0: any free port)."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
 
 
 class Config(_Section, frozen=True):
@@ -117,9 +126,10 @@ class Config(_Section, frozen=True):
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
-_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime")
+_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime", "metrics")
 _ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}
 _NOT_SETTINGS = {"LATTICE_CONFIG"}
 
@@ -207,6 +217,11 @@ def _readable(message: str) -> str:
 
 
 def _with_bundled_model(config: Config) -> Config:
+    if config.kafka.exactly_once:
+        raise ConfigError(
+            "config: kafka.exactly_once: transactional (exactly-once) mode is not available "
+            "yet; the processor is at-least-once (duplicates carry the same source offset)"
+        )
     models = dict(config.models)
     bundled = models.get(BUNDLED_MODEL, ModelConfig())
     if bundled.path is None and bundled.hf_id is None:

@@ -17,6 +17,7 @@ from stream.app import run_processor
 from stream.config import Config, with_run_topics
 from stream.corpus import sample_texts
 from stream.kafka.admin import Admin, TopicSpec
+from stream.kafka.clients import connection_options
 from stream.localbroker import local_bootstrap, start_local_broker, stop_local_broker
 from stream.models import ModelPool
 from stream.progress import progress_line
@@ -39,6 +40,8 @@ def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
         _print("using the local Kafka broker that is already running")
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
     demo_config = with_run_topics(config, f"demo-{run_id}", bootstrap=local_bootstrap())
+    metrics = msgspec.structs.replace(demo_config.metrics, port=0)  # any free port
+    demo_config = msgspec.structs.replace(demo_config, metrics=metrics)
     try:
         anyio.run(_demo, demo_config, atoms)
     finally:
@@ -77,7 +80,7 @@ async def _demo(config: Config, count: int) -> None:
 
 
 async def _produce_atoms(config: Config, texts: list[str]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka.bootstrap_servers, linger_ms=10)
+    producer = AIOKafkaProducer(**connection_options(config.kafka), linger_ms=10)
     await producer.start()
     try:
         for i, text in enumerate(texts):
@@ -95,7 +98,7 @@ async def _watch_outputs(
     """Read the output topic as it fills and draw a progress bar until every atom is there."""
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=config.kafka.bootstrap_servers,
+        **connection_options(config.kafka),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         metadata_max_age_ms=1000,

@@ -67,6 +67,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                 state = await self._control.sync()
                 state = await self._migration.before_window(state, self._consumer, records)
                 if records:
+                    began = time.monotonic()
                     try:
                         await self._process(state, records)
                     except RetryWindow as exc:
@@ -77,6 +78,8 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
                         continue
                     backoff = 0.5
                     await self._commit(records)
+                    if self._processor.stats.on_window is not None:
+                        self._processor.stats.on_window(time.monotonic() - began)
                     self._migration.after_window(state, records)
                 if not stop.is_set():
                     await self._backfill_step()
@@ -97,6 +100,15 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         for group, models in ((joined, (*writes, migration.target)), (others, writes)):
             if group:
                 await self._processor.process(group, models, migration.migration_id)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Atoms in the log past what this instance processed, per owned partition."""
+        lags = {}
+        for tp, processed in self._processed.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lags[tp.topic, tp.partition] = max(0, highwater - processed)
+        return lags
 
     def _live_waiting(self) -> bool:
         """Live atoms are in the log past what this instance has processed (no I/O: the

@@ -43,15 +43,22 @@ class RetryWindow(Exception):
 
 @dataclass
 class LiveStats:
-    """Counters of the live path, for progress, logs and metrics."""
+    """Counters of the processor: the one source for logs, progress and /metrics."""
 
-    atoms_in: int = 0
-    windows: int = 0
-    outputs: Counter[str] = field(default_factory=Counter)
+    atoms_in: Counter[str] = field(default_factory=Counter)  # by path: live, backfill
+    outputs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, path)
     tombstones: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
     truncated: Counter[str] = field(default_factory=Counter)
     embed_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    on_batch: Callable[[str, int, float], None] | None = None  # (model, atoms, seconds)
+    on_window: Callable[[float], None] | None = None  # live window seconds
+
+    def batch_embedded(self, model: str, atoms: int, seconds: float) -> None:
+        """One model call finished."""
+        self.embed_seconds[model] += seconds
+        if self.on_batch is not None:
+            self.on_batch(model, atoms, seconds)
 
 
 Send = Callable[
@@ -77,6 +84,7 @@ class WindowProcessor:
         self._models = models
         self._send = send
         self._stats = stats
+        self.stats = stats
         self._limiter = anyio.CapacityLimiter(1)
 
     async def process(
@@ -105,8 +113,7 @@ class WindowProcessor:
                     continue
                 cause = type(exc.__cause__).__name__ if exc.__cause__ else type(exc).__name__
                 await self._dead_letter(window, position, exc.stage, cause, exc.reason)
-        if path == "live":
-            self._stats.atoms_in += len(records)
+        self._stats.atoms_in[path] += len(records)
         plans = [(model, await self._models.get(model)) for model in write_models]
         tokenized = {}
         for model, embedder in plans:
@@ -224,7 +231,7 @@ class WindowProcessor:
         vectors, stats = await anyio.to_thread.run_sync(
             embedder.embed_tokens, subset, limiter=self._limiter
         )
-        self._stats.embed_seconds[model] += stats.seconds
+        self._stats.batch_embedded(model, stats.atoms, stats.seconds)
         return vectors
 
     async def _emit(
@@ -252,7 +259,7 @@ class WindowProcessor:
                 migration_id=window.migration_id,
                 embedded_at=datetime.now(UTC),
             )
-            self._stats.outputs[f"{model}/{window.path}"] += 1
+            self._stats.outputs[model, window.path] += 1
         else:
             output = tombstone_output(atom_id=event.atom_id, model=model, source=source)
             self._stats.tombstones[model] += 1

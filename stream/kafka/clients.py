@@ -78,7 +78,8 @@ async def kafka_errors(what: str, bootstrap_servers: str) -> AsyncIterator[None]
         yield
     except KafkaConnectionError as exc:
         raise BrokerUnavailable(
-            f"{what}: cannot reach Kafka at {bootstrap_servers}: {exc}"
+            f"{what}: cannot connect to Kafka at {bootstrap_servers} (unreachable, or its "
+            f"TLS/SASL settings refused ours): {exc}"
         ) from exc
     except KafkaError as exc:
         raise BrokerUnavailable(f"{what}: Kafka error from {bootstrap_servers}: {exc!r}") from exc

@@ -54,6 +54,8 @@ def write_config(
         "[routing]",
         f'stable_model = "{stable}"',
     ]
+    if "[metrics]" not in extra:
+        lines += ["[metrics]", "port = 0"]  # any free port: tests run processors side by side
     for name, path in models.items():
         lines.append(f"[models.{name}]")
         if path is not None:

@@ -160,7 +160,8 @@ def test_bad_starts_fail_with_one_clear_line(tmp_path: Path) -> None:
     unreachable = run_cli("run", env={"LATTICE_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert unreachable.returncode == 1
     assert unreachable.stderr.strip().splitlines() == [
-        "lattice-embed: error: admin: cannot reach Kafka at 127.0.0.1:1: KafkaConnectionError: "
+        "lattice-embed: error: admin: cannot connect to Kafka at 127.0.0.1:1 (unreachable, or "
+        "its TLS/SASL settings refused ours): KafkaConnectionError: "
         "Unable to bootstrap from [('127.0.0.1', 1, <AddressFamily.AF_INET: 2>)]"
     ]
     unknown = run_cli("run", env={"LATTICE_ROUTING_STABLE_MODEL": "bge-small"})

@@ -38,13 +38,13 @@ def test_file_and_environment(tmp_path: Path) -> None:
         {
             "LATTICE_BOOTSTRAP_SERVERS": "k1:9092,k2:9092",
             "LATTICE_TOPICS_PARTITIONS": "12",
-            "LATTICE_KAFKA_EXACTLY_ONCE": "true",
+            "LATTICE_KAFKA_SESSION_TIMEOUT_MS": "9000",
             "LATTICE_CONFIG": "ignored",
             "HOME": "/root",
         },
     )
     assert config.kafka.bootstrap_servers == "k1:9092,k2:9092"
-    assert config.kafka.group_id == "g" and config.kafka.exactly_once is True
+    assert config.kafka.group_id == "g" and config.kafka.session_timeout_ms == 9000
     assert config.topics.partitions == 12
     assert config.models["bge-small"].pooling == "cls"
     assert config.limits.on_overlong == "dead_letter"
@@ -80,6 +80,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
             "config: limits.max_event_bytes: Expected `int`, got `str`",
         ),
         ("", {"LATTICE_NOPE": "1"}, "environment: LATTICE_NOPE names no setting"),
+        ("[kafka]\nexactly_once = true\n", {}, "kafka.exactly_once: transactional"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -104,3 +105,16 @@ def test_cli_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
         "config file /nonexistent/lattice.toml: No such file or directory"
         in capsys.readouterr().err
     )
+
+
+def test_json_log_lines_carry_level_logger_and_message() -> None:
+    import logging
+
+    import msgspec
+
+    from stream.cli import JsonLines
+
+    record = logging.LogRecord("stream.live", logging.INFO, __file__, 1, "window %d", (7,), None)
+    entry = msgspec.json.decode(JsonLines().format(record))
+    assert entry["level"] == "INFO" and entry["logger"] == "stream.live"
+    assert entry["message"] == "window 7" and entry["ts"].endswith("+00:00")
