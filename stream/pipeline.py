@@ -83,7 +83,6 @@ class WindowProcessor:
         self._config = config
         self._models = models
         self._send = send
-        self._stats = stats
         self.stats = stats
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -113,7 +112,7 @@ class WindowProcessor:
                     continue
                 cause = type(exc.__cause__).__name__ if exc.__cause__ else type(exc).__name__
                 await self._dead_letter(window, position, exc.stage, cause, exc.reason)
-        self._stats.atoms_in[path] += len(records)
+        self.stats.atoms_in[path] += len(records)
         plans = [(model, await self._models.get(model)) for model in write_models]
         tokenized = {}
         for model, embedder in plans:
@@ -148,7 +147,7 @@ class WindowProcessor:
                         f"(models.{model}.max_tokens) and limits.on_overlong is dead_letter",
                     )
             else:
-                self._stats.truncated[model] += len(positions_of[text])
+                self.stats.truncated[model] += len(positions_of[text])
         return texts, [positions_of[text] for text in texts], tokens
 
     async def _embed_and_send(
@@ -231,7 +230,7 @@ class WindowProcessor:
         vectors, stats = await anyio.to_thread.run_sync(
             embedder.embed_tokens, subset, limiter=self._limiter
         )
-        self._stats.batch_embedded(model, stats.atoms, stats.seconds)
+        self.stats.batch_embedded(model, stats.atoms, stats.seconds)
         return vectors
 
     async def _emit(
@@ -259,10 +258,10 @@ class WindowProcessor:
                 migration_id=window.migration_id,
                 embedded_at=datetime.now(UTC),
             )
-            self._stats.outputs[model, window.path] += 1
+            self.stats.outputs[model, window.path] += 1
         else:
             output = tombstone_output(atom_id=event.atom_id, model=model, source=source)
-            self._stats.tombstones[model] += 1
+            self.stats.tombstones[model] += 1
         topic = self._config.topics.embeddings(model)
         try:
             ack = await self._send(topic, output.key, output.value, output.headers, None)
@@ -279,7 +278,7 @@ class WindowProcessor:
             return
         window.dead.add(position)
         letter = dead_letter(window.records[position], stage, error_class, reason)
-        self._stats.dead_letters[stage] += 1
+        self.stats.dead_letters[stage] += 1
         log.info(
             "dead letter %s/%d/%d stage=%s: %s",
             window.records[position].topic,

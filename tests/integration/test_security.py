@@ -8,7 +8,6 @@ user is created when the data directory is formatted.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -20,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from stream.config import Config, load_config
 from stream.kafka.clients import connection_options
 from tests.integration.conftest import write_config
-from tests.support.kafka import LOCAL_KAFKA, REPO, atom_value, latest_by_key, unique
+from tests.support.kafka import LOCAL_KAFKA, REPO, atom_value, collect, latest_by_key, unique
 from tests.support.processor import processor
 from tests.support.tls import TlsFiles, make_tls_files
 
@@ -140,26 +138,14 @@ async def produce(config: Config, topic: str, records: list[tuple[bytes, bytes]]
 
 
 async def read_keys(config: Config, topic: str, n: int, *, within: float) -> list[Any]:
-    """Read `topic` from the beginning until `n` distinct keys have arrived."""
-    consumer = AIOKafkaConsumer(
-        **connection_options(config.kafka),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        metadata_max_age_ms=500,
+    """Read `topic` over SASL_SSL until `n` distinct keys have arrived."""
+    return await collect(
+        config.kafka.bootstrap_servers,
+        topic,
+        lambda records: len({r.key for r in records}) >= n,
+        within=within,
+        client=connection_options(config.kafka),
     )
-    await consumer.start()
-    consumer.subscribe(pattern=f"^{re.escape(topic)}$")
-    records: list[Any] = []
-    try:
-        with anyio.fail_after(within):
-            while len({r.key for r in records}) < n:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    records.extend(messages)
-    finally:
-        await consumer.stop()
-    return records
 
 
 @pytest.mark.anyio

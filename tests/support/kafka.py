@@ -175,10 +175,14 @@ async def collect(
     *,
     within: float,
     alive: Callable[[], bool] = lambda: True,
+    client: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """Read `topic` from the beginning, as records arrive, until `done(records)` holds."""
+    """Read `topic` from the beginning, as records arrive, until `done(records)` holds.
+
+    `client` replaces the plain bootstrap with connection options (e.g. SASL/TLS).
+    """
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **(client or {"bootstrap_servers": bootstrap}),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
