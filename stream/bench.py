@@ -11,6 +11,7 @@ Ratios are taken between numbers measured in the same run, so they hold across m
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -96,6 +97,7 @@ class WorkloadResult:
     offered_rate: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    p99_bound_ms: float = 0.0  # 2 x max wait + one micro-batch's compute at the embedder rate
     runs: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -307,6 +309,76 @@ async def backfill_latency(
     return result
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> dict[str, float]:
+    """Peak resident memory while the processor drains an `atoms` backlog, against the same
+    process idle with its model loaded (texts are generated as they are produced)."""
+    model = await pool.get(config.routing.stable_model)
+    model_bytes = sum(p.numel() * p.element_size() for p in model._model.parameters())
+    config = _fresh(config, "memory")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
+    await _produce(config, _LazyTexts(atoms))
+    baseline = _rss_bytes()
+    peak = baseline
+    done = anyio.Event()
+
+    def on_commit(offsets: Any) -> None:
+        if max(offsets.values()) >= atoms:
+            done.set()
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, _rss_bytes())
+            await anyio.sleep(0.05)  # sampling period of the RSS probe
+
+    stop = anyio.Event()
+    began = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(sample)
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, on_commit=on_commit))
+        await done.wait()
+        stop.set()
+        elapsed = time.perf_counter() - began
+        await anyio.sleep(0.2)  # let the processor drain before the sampler stops
+        tasks.cancel_scope.cancel()
+    mib = 1024 * 1024
+    return {
+        "atoms": float(atoms),
+        "seconds": elapsed,
+        "model_mib": model_bytes / mib,
+        "baseline_rss_mib": baseline / mib,
+        "peak_rss_mib": peak / mib,
+        "growth_mib": (peak - baseline) / mib,
+    }
+
+
+class _LazyTexts(Sequence[str]):
+    """Workload texts made on demand, so a 100k backlog costs the bench no memory."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._words = " ".join(sample_texts()).split()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        start = (index * 7919) % (len(self._words) - 60)
+        return f"{index}: " + " ".join(self._words[start : start + 10 + index % 50])
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -322,6 +394,7 @@ async def run_bench(
     out: Path,
     backfill_target: str | None = None,
     backfill_live_rate: float = 5.0,
+    memory_atoms: int | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report."""
     pool = ModelPool(config)
@@ -349,6 +422,8 @@ async def run_bench(
         result.padding_model_only = _median([r.padding for r in measured["model_only"]])
         result.padding_embedder = _median([r.padding for r in measured["embedder"]])
         result.offered_rate = result.end_to_end / 2
+        batch_secs = config.batching.micro_batch_atoms / result.embedder if result.embedder else 0
+        result.p99_bound_ms = 2 * config.batching.max_wait_ms + 1000 * batch_secs
         load_count = max(8, int(result.offered_rate * load_secs))
         _, latencies = await end_to_end(
             config, pool, workload_texts(name, load_count, seed=8), rate=result.offered_rate
@@ -388,6 +463,8 @@ async def run_bench(
             rate=backfill_live_rate,
             secs=load_secs,
         )
+    if memory_atoms is not None:
+        report["memory"] = await memory_under_backlog(config, pool, memory_atoms)
     await anyio.to_thread.run_sync(_write, report, results, out)
     return report
 
@@ -434,7 +511,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"model {report['model']} on {report['device']}, {report['atoms']} atoms, "
         f"median of {report['runs']} run(s)",
         f"{'workload':9} {'tokens':>6} {'model':>8} {'embedder':>9} {'e2e':>8} {'e2e/model':>9} "
-        f"{'tok/s':>8} {'pad(a)':>6} {'pad(b)':>6} {'load':>6} {'p50ms':>7} {'p99ms':>7}",
+        f"{'tok/s':>8} {'pad(a)':>6} {'pad(b)':>6} {'load':>6} {'p50ms':>7} {'p99ms':>7} "
+        f"{'bound':>6}",
     ]
     for w in report["workloads"]:
         lines.append(
@@ -442,7 +520,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{w['end_to_end']:8.1f} {w['ratio_end_to_end_vs_model_only']:9.2f} "
             f"{w['tokens_per_sec']:8.0f} {w['padding_model_only']:6.2f} "
             f"{w['padding_embedder']:6.2f} {w['offered_rate']:6.1f} {w['p50_ms']:7.0f} "
-            f"{w['p99_ms']:7.0f}"
+            f"{w['p99_ms']:7.0f} {w['p99_bound_ms']:6.0f}"
         )
     if "backfill_latency" in report:
         b = report["backfill_latency"]
@@ -451,6 +529,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"backfill {b['busy_p99_ms']:.0f} ms (x{b['p99_ratio']:.2f}); backfill "
             f"{b['backfill_atoms_per_sec']:.1f} atoms/s ({b['backfill_done']:.0f}/"
             f"{b['backfill_total']:.0f} meanwhile)"
+        )
+    if "memory" in report:
+        m = report["memory"]
+        lines.append(
+            f"memory, {m['atoms']:.0f}-atom backlog in {m['seconds']:.0f}s: peak RSS "
+            f"{m['peak_rss_mib']:.0f} MiB, idle with model {m['baseline_rss_mib']:.0f} MiB "
+            f"(growth {m['growth_mib']:.0f} MiB), model {m['model_mib']:.0f} MiB"
         )
     if "dual_write" in report:
         d = report["dual_write"]

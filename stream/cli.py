@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="offered live atoms/s for --backfill-latency (default 5)",
     )
+    bench.add_argument(
+        "--memory",
+        type=int,
+        metavar="ATOMS",
+        help="also measure peak resident memory while draining a backlog of ATOMS",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(
@@ -217,6 +223,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
                 out=Path(args.out),
                 backfill_target=args.backfill_latency,
                 backfill_live_rate=args.live_rate,
+                memory_atoms=args.memory,
             )
         )
     finally:

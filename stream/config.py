@@ -103,6 +103,8 @@ class RuntimeConfig(_Section, frozen=True):
     """Where the models run, and how the process logs."""
 
     device: str = "cpu"
+    # auto: float32 on CPU, float16 on CUDA (vectors are pooled and normalized in float32).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: PositiveInt | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

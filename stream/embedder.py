@@ -64,6 +64,7 @@ class Embedder:
         config: ModelConfig,
         *,
         device: str = "cpu",
+        dtype: str = "auto",
         micro_batch_atoms: int = 64,
         max_batch_tokens: int = 16_384,
     ) -> None:
@@ -73,7 +74,7 @@ class Embedder:
         self.micro_batch_atoms = micro_batch_atoms
         self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
-        self._tokenizer, self._model = _load(name, config, device)
+        self._tokenizer, self._model = _load(name, config, device, dtype)
         self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
         self.dim = int(self._model.config.hidden_size)
         self.pad_id = int(self._tokenizer.pad_token_id or 0)
@@ -175,7 +176,7 @@ def check_model_source(name: str, config: ModelConfig) -> str:
     return source
 
 
-def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
+def _load(name: str, config: ModelConfig, device: str, dtype: str) -> tuple[Any, Any]:
     """Load tokenizer and model from local files only; never download at run time."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -189,9 +190,16 @@ def _load(name: str, config: ModelConfig, device: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
             source, use_fast=True, local_files_only=True
         )
-        model = AutoModel.from_pretrained(source, local_files_only=True)
+        try:  # PyTorch's fused attention where the architecture has it
+            model = AutoModel.from_pretrained(
+                source, local_files_only=True, attn_implementation="sdpa"
+            )
+        except (ValueError, ImportError):
+            model = AutoModel.from_pretrained(source, local_files_only=True)
         model.eval()
-        model.to(torch.device(device))
+        if dtype == "auto":
+            dtype = "float16" if device.startswith("cuda") else "float32"
+        model.to(device=torch.device(device), dtype=getattr(torch, dtype))
     except (OSError, ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {name}: cannot load {source}: {first_line}") from exc

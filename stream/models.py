@@ -30,6 +30,11 @@ class ModelPool:
             return self._loaded[name]
         async with self._lock:
             if name not in self._loaded:
+                threads = self._config.runtime.torch_threads
+                if threads is not None:
+                    import torch
+
+                    torch.set_num_threads(threads)
                 model = self._config.models.get(name)
                 if model is None:
                     raise ModelLoadError(f"model {name}: not configured")
@@ -39,6 +44,7 @@ class ModelPool:
                         name,
                         model,
                         device=self._config.runtime.device,
+                        dtype=self._config.runtime.dtype,
                         micro_batch_atoms=batching.micro_batch_atoms,
                         max_batch_tokens=batching.max_batch_tokens,
                     )

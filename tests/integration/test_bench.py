@@ -41,6 +41,8 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
             "tinyb",
             "--live-rate",
             "20",
+            "--memory",
+            "300",
             "--out",
             str(out),
         ],
@@ -63,5 +65,8 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
     assert latency["idle_p99_ms"] > 0 and latency["busy_p99_ms"] > 0
     assert latency["p99_ratio"] == pytest.approx(latency["busy_p99_ms"] / latency["idle_p99_ms"])
     assert 0 <= latency["backfill_done"] <= latency["backfill_total"]
+    memory = report["memory"]
+    assert memory["atoms"] == 300 and memory["peak_rss_mib"] >= memory["baseline_rss_mib"] > 0
+    assert memory["model_mib"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "e2e/model" in done.stdout.decode()

@@ -7,7 +7,13 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.batching import InOrderRelease, padding_fraction, plan_micro_batches
+from stream.batching import (
+    GROWTH,
+    SLACK,
+    InOrderRelease,
+    padding_fraction,
+    plan_micro_batches,
+)
 
 
 @given(
@@ -26,6 +32,7 @@ def test_plan_covers_every_item_once_within_limits(
         widths = [lengths[i] for i in batch]
         assert widths == sorted(widths)
         assert len(batch) == 1 or len(batch) * max(widths) <= max_tokens
+        assert max(widths) <= GROWTH * min(widths) + SLACK, "one length bucket per batch"
 
 
 def test_sorting_removes_padding() -> None:
