@@ -40,7 +40,6 @@ class _Partition:
     handoff: int
     next_offset: int
     live_keys: set[str]
-    checkpointed: int
     checkpointed_at: float = 0.0
     log_start: int = 0
 
@@ -205,7 +204,6 @@ class MigrationWorker:
                 handoff=-1,
                 next_offset=start,
                 live_keys=set(),
-                checkpointed=start,
                 log_start=log_start,
             )
             self._chasing[tp.partition] = chase
@@ -247,7 +245,7 @@ class MigrationWorker:
                 offset=offset,
             )
         )
-        entry.checkpointed, entry.checkpointed_at = offset, now
+        entry.checkpointed_at = now
 
     async def _entry(
         self, migration: Migration, tp: TopicPartition, consumer: AIOKafkaConsumer
@@ -266,9 +264,7 @@ class MigrationWorker:
                 for record in tail
                 if (atom_id := _atom_id(record, self._config.limits.max_event_bytes)) is not None
             }
-            entry = _Partition(
-                handoff=handoff, next_offset=start, live_keys=keys, checkpointed=start
-            )
+            entry = _Partition(handoff=handoff, next_offset=start, live_keys=keys)
             self._partitions[tp.partition] = entry
         return entry
 
