@@ -41,6 +41,11 @@ class KafkaConfig(_Section, frozen=True):
     max_poll_interval_ms: PositiveInt = 300_000
     request_timeout_ms: PositiveInt = 40_000
     exactly_once: bool = False
+    # Idempotent producers keep retried sends from duplicating or reordering records. Turn it
+    # off only for a broker that lacks them (Tansu) or a principal without IDEMPOTENT_WRITE.
+    enable_idempotence: bool = True
+    # Producer compression of output records (the consumer reads any codec).
+    compression_type: Literal["none", "gzip", "lz4", "snappy", "zstd"] = "none"
 
 
 class TopicsConfig(_Section, frozen=True):

@@ -40,11 +40,12 @@ def connection_options(kafka: KafkaConfig) -> dict[str, Any]:
 def make_producer(
     kafka: KafkaConfig, *, transactional_id: str | None = None, linger_ms: int = 5
 ) -> AIOKafkaProducer:
-    """An idempotent producer with acks=all, sized for embedding records and dead letters."""
+    """A producer with acks=all (idempotent unless configured off), sized for our records."""
     return AIOKafkaProducer(
         **connection_options(kafka),
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=kafka.enable_idempotence,
+        compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
         transactional_id=transactional_id,
         linger_ms=linger_ms,
         max_batch_size=1024 * 1024,
