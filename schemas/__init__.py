@@ -11,7 +11,7 @@ from schemas.control import (
     Rollback,
     StartMigration,
 )
-from schemas.embeddings import EmbeddingRecord, SourceRef
+from schemas.embeddings import EmbeddingRecord, PackedEmbeddingRecord, SourceRef, decode_embedding
 from schemas.errors import LatticeError
 from schemas.routing import (
     EmbeddingRoute,
@@ -37,6 +37,7 @@ __all__ = [
     "InvalidAtom",
     "LatticeError",
     "MigrationState",
+    "PackedEmbeddingRecord",
     "PauseMigration",
     "Progress",
     "Rejection",
@@ -47,4 +48,5 @@ __all__ = [
     "SourceRef",
     "StartMigration",
     "decode_atom",
+    "decode_embedding",
 ]

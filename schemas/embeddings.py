@@ -1,13 +1,23 @@
-"""EmbeddingRecord: the value on every `embeddings.<model>` topic."""
+"""EmbeddingRecord: the value on every `embeddings.<model>` topic, as JSON or msgpack.
+
+JSON (the default) carries the vector as numbers. The optional msgpack encoding carries the
+same fields with `vector` as raw little-endian float32 bytes (`dim` x 4), a third the size;
+every non-null value says which it is in the `lattice.encoding` header.
+"""
 
 from __future__ import annotations
 
+import array
+import sys
 from datetime import datetime
 from typing import Literal
 
 import msgspec
 
 Path = Literal["live", "backfill"]
+Encoding = Literal["json", "msgpack"]
+
+ENCODING_HEADER = "lattice.encoding"
 
 
 class SourceRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,3 +44,45 @@ class EmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
     path: Path = "live"
     migration_id: str | None = None
     embedded_at: datetime | None = None
+
+
+class PackedEmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """EmbeddingRecord as msgpack: `vector` is little-endian float32 bytes."""
+
+    atom_id: str
+    model: str
+    dim: int
+    vector: bytes
+    normalized: bool
+    source: SourceRef
+    path: Path = "live"
+    migration_id: str | None = None
+    embedded_at: datetime | None = None
+
+
+_json_decoder = msgspec.json.Decoder(EmbeddingRecord)
+_msgpack_decoder = msgspec.msgpack.Decoder(PackedEmbeddingRecord)
+
+
+def decode_embedding(value: bytes, encoding: str | None = None) -> EmbeddingRecord:
+    """Decode an `embeddings.<model>` value in either encoding.
+
+    `encoding` is the `lattice.encoding` header; records written before the header existed
+    have none and are JSON. Raises `msgspec.DecodeError` or `ValueError` on bad input.
+    """
+    if encoding in (None, "json"):
+        return _json_decoder.decode(value)
+    if encoding != "msgpack":
+        raise ValueError(f"unknown {ENCODING_HEADER} {encoding!r}")
+    packed = _msgpack_decoder.decode(value)
+    if len(packed.vector) != 4 * packed.dim:
+        raise ValueError(
+            f"vector holds {len(packed.vector)} bytes, dim {packed.dim} needs {4 * packed.dim}"
+        )
+    values = array.array("f")
+    values.frombytes(packed.vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    fields = msgspec.structs.asdict(packed)
+    fields["vector"] = values.tolist()
+    return EmbeddingRecord(**fields)

@@ -406,6 +406,9 @@ async def run_bench(
         lengths = embedder.tokenize(texts).lengths
         result = WorkloadResult(name=name, mean_tokens=float(np.mean(lengths)))
         measured: dict[str, list[Rate]] = {"model_only": [], "embedder": [], "end_to_end": []}
+        # Warm-up: first-use costs (CUDA context, kernel selection, torch.compile) stay out.
+        await anyio.to_thread.run_sync(model_only, embedder, texts)
+        await anyio.to_thread.run_sync(embedder_rate, embedder, texts)
         for _ in range(runs):
             measured["model_only"].append(
                 await anyio.to_thread.run_sync(model_only, embedder, texts)

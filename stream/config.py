@@ -111,8 +111,19 @@ class RuntimeConfig(_Section, frozen=True):
     # auto: float32 on CPU, float16 on CUDA (vectors are pooled and normalized in float32).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: PositiveInt | None = None
+    # torch.compile each model (dynamic shapes): slower start-up, faster steady state where
+    # the backend supports it (measure with `lattice-embed bench`).
+    compile: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+
+class OutputConfig(_Section, frozen=True):
+    """How output records are written."""
+
+    # json: the vector as numbers (CONTRACT); msgpack: the same fields, the vector as
+    # little-endian float32 bytes, about a third the size. Header lattice.encoding says which.
+    encoding: Literal["json", "msgpack"] = "json"
 
 
 class MetricsConfig(_Section, frozen=True):
@@ -133,10 +144,11 @@ class Config(_Section, frozen=True):
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
     metrics: MetricsConfig = MetricsConfig()
 
 
-_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime", "metrics")
+_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime", "output", "metrics")
 _ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}
 _NOT_SETTINGS = {"LATTICE_CONFIG"}
 

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import ENCODING_HEADER, decode_embedding
 from stream.app import run_processor
 from stream.config import Config, with_run_topics
 from stream.corpus import sample_texts
@@ -103,14 +103,14 @@ async def _watch_outputs(
         enable_auto_commit=False,
         metadata_max_age_ms=1000,
     )
-    decoder = msgspec.json.Decoder(EmbeddingRecord)
     started = time.monotonic()
     await consumer.start()
     try:
         while len(vectors) < total:
             for messages in (await consumer.getmany(timeout_ms=500)).values():
                 for message in messages:
-                    record = decoder.decode(message.value)
+                    encoding = dict(message.headers).get(ENCODING_HEADER, b"json").decode()
+                    record = decode_embedding(message.value, encoding)
                     vectors[record.atom_id] = np.asarray(record.vector, dtype=np.float32)
             line = progress_line(len(vectors), total, time.monotonic() - started)
             sys.stderr.write(f"\r{line}")

@@ -65,6 +65,7 @@ class Embedder:
         *,
         device: str = "cpu",
         dtype: str = "auto",
+        compile: bool = False,
         micro_batch_atoms: int = 64,
         max_batch_tokens: int = 16_384,
     ) -> None:
@@ -74,7 +75,7 @@ class Embedder:
         self.micro_batch_atoms = micro_batch_atoms
         self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
-        self._tokenizer, self._model = _load(name, config, device, dtype)
+        self._tokenizer, self._model = _load(name, config, device, dtype, compile)
         self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
         self.dim = int(self._model.config.hidden_size)
         self.pad_id = int(self._tokenizer.pad_token_id or 0)
@@ -176,7 +177,9 @@ def check_model_source(name: str, config: ModelConfig) -> str:
     return source
 
 
-def _load(name: str, config: ModelConfig, device: str, dtype: str) -> tuple[Any, Any]:
+def _load(
+    name: str, config: ModelConfig, device: str, dtype: str, compile: bool
+) -> tuple[Any, Any]:
     """Load tokenizer and model from local files only; never download at run time."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -200,6 +203,8 @@ def _load(name: str, config: ModelConfig, device: str, dtype: str) -> tuple[Any,
         if dtype == "auto":
             dtype = "float16" if device.startswith("cuda") else "float32"
         model.to(device=torch.device(device), dtype=getattr(torch, dtype))
+        if compile:  # compiles lazily, at the first batch of each new shape family
+            model = torch.compile(model, dynamic=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {name}: cannot load {source}: {first_line}") from exc

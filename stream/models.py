@@ -45,6 +45,7 @@ class ModelPool:
                         model,
                         device=self._config.runtime.device,
                         dtype=self._config.runtime.dtype,
+                        compile=self._config.runtime.compile,
                         micro_batch_atoms=batching.micro_batch_atoms,
                         max_batch_tokens=batching.max_batch_tokens,
                     )

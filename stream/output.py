@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from schemas.embeddings import EmbeddingRecord, Path, SourceRef
+from schemas.embeddings import (
+    ENCODING_HEADER,
+    EmbeddingRecord,
+    Encoding,
+    PackedEmbeddingRecord,
+    Path,
+    SourceRef,
+)
 
 MODEL_HEADER = "lattice.model"
 SOURCE_OFFSET_HEADER = "lattice.source-offset"
 
-_encoder = msgspec.json.Encoder()
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_ENCODING_VALUES = {"json": b"json", "msgpack": b"msgpack"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,24 +54,27 @@ def embedding_output(
     path: Path,
     migration_id: str | None,
     embedded_at: datetime,
+    encoding: Encoding = "json",
 ) -> OutputRecord:
-    """An EmbeddingRecord for one atom under one model."""
-    record = EmbeddingRecord(
-        atom_id=atom_id,
-        model=model,
-        dim=int(vector.shape[0]),
-        vector=vector.tolist(),
-        normalized=normalized,
-        source=source,
-        path=path,
-        migration_id=migration_id,
-        embedded_at=embedded_at,
-    )
-    return OutputRecord(
-        key=atom_id.encode("utf-8"),
-        value=_encoder.encode(record),
-        headers=output_headers(model, source),
-    )
+    """An EmbeddingRecord for one atom under one model, in the configured encoding."""
+    fields: dict[str, Any] = {
+        "atom_id": atom_id,
+        "model": model,
+        "dim": int(vector.shape[0]),
+        "normalized": normalized,
+        "source": source,
+        "path": path,
+        "migration_id": migration_id,
+        "embedded_at": embedded_at,
+    }
+    if encoding == "msgpack":
+        packed = vector.astype("<f4", copy=False).tobytes()
+        value = _msgpack_encoder.encode(PackedEmbeddingRecord(vector=packed, **fields))
+    else:
+        value = _json_encoder.encode(EmbeddingRecord(vector=vector.tolist(), **fields))
+    headers = output_headers(model, source)
+    headers.append((ENCODING_HEADER, _ENCODING_VALUES[encoding]))
+    return OutputRecord(key=atom_id.encode("utf-8"), value=value, headers=headers)
 
 
 def tombstone_output(*, atom_id: str, model: str, source: SourceRef) -> OutputRecord:

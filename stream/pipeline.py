@@ -21,6 +21,7 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
 )
+from anyio.streams.memory import MemoryObjectSendStream
 
 from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage, decode_atom
 from schemas.embeddings import Path, SourceRef
@@ -76,6 +77,40 @@ class _Window:
     acks: list[tuple[Any, int, str]] = field(default_factory=list)
 
 
+# (model, window positions the micro-batch finished, their vectors)
+_Embedded = tuple[str, list[int], dict[int, Vectors]]
+
+# Micro-batches the model may run ahead of the output stage; each holds at most
+# `micro_batch_atoms` vectors, so this bounds the in-flight vectors per window too.
+PIPELINE_DEPTH = 4
+
+
+class _ModelOutputs:
+    """One model's side of a window: vectors so far and the per-key release order."""
+
+    def __init__(self, window: _Window, model: str, embedder: Embedder) -> None:
+        self.model = model
+        self.embedder = embedder
+        self.vectors: dict[int, Vectors] = {}
+        self._window = window
+        self._live = [p for p in sorted(window.events) if p not in window.dead]
+        self._slot = {position: index for index, position in enumerate(self._live)}
+        self.release = InOrderRelease([window.events[p].atom_id for p in self._live])
+
+    def deletes(self) -> list[int]:
+        """Positions that need no vector (tombstones)."""
+        return [p for p in self._live if not isinstance(self._window.events[p], AtomCreated)]
+
+    def finish(self, positions: Sequence[int]) -> list[int]:
+        """Mark window positions finished; return those now free to leave, in order.
+
+        Positions dead before the window started have no slot and are ignored; positions
+        that died since are released too, and `_emit` skips them.
+        """
+        free = self.release.finish(self._slot[p] for p in positions if p in self._slot)
+        return [self._live[index] for index in free]
+
+
 class WindowProcessor:
     """Turns one window of input records into acknowledged outputs and dead letters."""
 
@@ -114,17 +149,34 @@ class WindowProcessor:
                 await self._dead_letter(window, position, exc.stage, cause, exc.reason)
         self.stats.atoms_in[path] += len(records)
         plans = [(model, await self._models.get(model)) for model in write_models]
-        tokenized = {}
-        for model, embedder in plans:
-            tokenized[model] = await self._tokenize(window, model, embedder)
-        for model, embedder in plans:
-            await self._embed_and_send(window, model, embedder, *tokenized[model])
+        jobs = [
+            (model, embedder, *await self._tokenize(window, model, embedder))
+            for model, embedder in plans
+        ]
+        outputs = {model: _ModelOutputs(window, model, embedder) for model, embedder in plans}
+        for model_outputs in outputs.values():  # deletes need no model: tombstones go first
+            await self._release(window, model_outputs, model_outputs.deletes())
+        # Two stages joined by a bounded stream: the model thread runs up to PIPELINE_DEPTH
+        # micro-batches ahead while the event loop encodes and produces finished ones.
+        embedded_in, embedded_out = anyio.create_memory_object_stream[_Embedded](PIPELINE_DEPTH)
+        async with anyio.create_task_group() as stages:
+            stages.start_soon(self._infer, window, jobs, embedded_in)
+            async with embedded_out:
+                async for model, done, vectors in embedded_out:
+                    outputs[model].vectors.update(vectors)
+                    await self._release(window, outputs[model], done)
+        for model, model_outputs in outputs.items():
+            if not model_outputs.release.done:
+                raise AssertionError(f"window left unreleased items for model {model}")
         await self._await_acks(window)
 
     async def _tokenize(
         self, window: _Window, model: str, embedder: Embedder
-    ) -> tuple[list[str], list[list[int]], Tokenized]:
-        """Tokenize each distinct text once; dead-letter or count the overlong ones."""
+    ) -> tuple[list[list[int]], Tokenized]:
+        """Tokenize each distinct text once; dead-letter or count the overlong ones.
+
+        Returns, for each distinct text, the window positions that carry it, and the tokens.
+        """
         positions_of: dict[str, list[int]] = defaultdict(list)
         for position, event in window.events.items():
             if isinstance(event, AtomCreated) and position not in window.dead:
@@ -148,44 +200,38 @@ class WindowProcessor:
                     )
             else:
                 self.stats.truncated[model] += len(positions_of[text])
-        return texts, [positions_of[text] for text in texts], tokens
+        return [positions_of[text] for text in texts], tokens
 
-    async def _embed_and_send(
+    async def _infer(
         self,
         window: _Window,
-        model: str,
-        embedder: Embedder,
-        texts: list[str],
-        positions: list[list[int]],
-        tokens: Tokenized,
+        jobs: list[tuple[str, Embedder, list[list[int]], Tokenized]],
+        embedded: MemoryObjectSendStream[_Embedded],
     ) -> None:
-        live = [p for p in sorted(window.events) if p not in window.dead]
-        keys = [window.events[p].atom_id for p in live]
-        release = InOrderRelease(keys)
-        slot = {position: index for index, position in enumerate(live)}
-        vectors: dict[int, Vectors] = {}
+        """Embed every model's micro-batches in turn; hand each result to the output stage."""
+        async with embedded:
+            for model, embedder, positions, tokens in jobs:
+                batches = plan_micro_batches(
+                    tokens.lengths,
+                    max_atoms=self._config.batching.micro_batch_atoms,
+                    max_tokens=self._config.batching.max_batch_tokens,
+                )
+                for batch in batches:
+                    todo = [i for i in batch if any(p not in window.dead for p in positions[i])]
+                    rows = (
+                        await self._embed_batch(window, model, embedder, tokens, todo, positions)
+                        if todo
+                        else {}
+                    )
+                    vectors = {p: row for i, row in rows.items() for p in positions[i]}
+                    await embedded.send((model, [p for i in batch for p in positions[i]], vectors))
 
-        async def finish(done: list[int]) -> None:
-            for index in release.finish(slot[p] for p in done if p in slot):
-                await self._emit(window, live[index], model, embedder, vectors)
-
-        await finish([p for p in live if not isinstance(window.events[p], AtomCreated)])
-        batches = plan_micro_batches(
-            tokens.lengths,
-            max_atoms=self._config.batching.micro_batch_atoms,
-            max_tokens=self._config.batching.max_batch_tokens,
-        )
-        for batch in batches:
-            batch = [i for i in batch if any(p not in window.dead for p in positions[i])]
-            if not batch:
-                continue
-            rows = await self._embed_batch(window, model, embedder, tokens, batch, positions)
-            for i, row in rows.items():
-                for position in positions[i]:
-                    vectors[position] = row
-            await finish([p for i in batch for p in positions[i]])
-        if not release.done:
-            raise AssertionError(f"window left unreleased items for model {model}")
+    async def _release(
+        self, window: _Window, outputs: _ModelOutputs, finished: Sequence[int]
+    ) -> None:
+        """Produce whatever `finished` frees, keeping each key's records in input order."""
+        for position in outputs.finish(finished):
+            await self._emit(window, position, outputs.model, outputs.embedder, outputs.vectors)
 
     async def _embed_batch(
         self,
@@ -251,12 +297,13 @@ class WindowProcessor:
             output = embedding_output(
                 atom_id=event.atom_id,
                 model=model,
-                vector=vectors[position],
+                vector=vectors.pop(position),
                 normalized=embedder.config.normalize,
                 source=source,
                 path=window.path,
                 migration_id=window.migration_id,
                 embedded_at=datetime.now(UTC),
+                encoding=self._config.output.encoding,
             )
             self.stats.outputs[model, window.path] += 1
         else:

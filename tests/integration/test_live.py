@@ -11,8 +11,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from schemas.embeddings import EmbeddingRecord
+from schemas.embeddings import EmbeddingRecord, decode_embedding
+from stream.config import OutputConfig
 from stream.corpus import sample_texts
+from stream.embedder import Embedder
 from tests.support.kafka import (
     atom_value,
     collect,
@@ -156,3 +158,34 @@ async def test_deletes_and_null_values_become_tombstones_with_headers(
     assert record.source.offset == 2, "the update is the last record for its key"
     assert dict(latest["d"].headers)["lattice.source-offset"] == f"{atoms}/0/6".encode()
     assert [r.key for r in out] == [b"a", b"b", b"a", b"b", b"c", b"c", b"d"]
+
+
+@pytest.mark.timeout(120)
+async def test_msgpack_float32_values_with_zstd_carry_the_same_vectors(
+    bootstrap: str, make_config: Any
+) -> None:
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms)
+    config, _ = make_config(atoms)
+    config = msgspec.structs.replace(
+        config,
+        kafka=msgspec.structs.replace(config.kafka, compression_type="zstd"),
+        output=OutputConfig(encoding="msgpack"),
+    )
+    texts = sample_texts(30)
+    await produce(
+        bootstrap,
+        atoms,
+        ((f"m-{i}".encode(), atom_value(f"m-{i}", t)) for i, t in enumerate(texts)),
+    )
+    async with processor(config):
+        out = await collect(bootstrap, config.topics.embeddings("tiny"), keys(30), within=60)
+    expected = Embedder("tiny", config.models["tiny"]).embed(texts)
+    for record in out:
+        headers = dict(record.headers)
+        assert headers["lattice.encoding"] == b"msgpack"
+        decoded = decode_embedding(record.value, headers["lattice.encoding"].decode())
+        assert len(record.value) < 4 * decoded.dim + 200, "float32 bytes, not JSON numbers"
+        index = int(decoded.atom_id.removeprefix("m-"))
+        assert decoded.source.offset == index and decoded.model == "tiny"
+        np.testing.assert_allclose(decoded.vector, expected[index], atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from schemas import (
@@ -18,6 +19,7 @@ from schemas import (
     RoutingStatus,
     StartMigration,
     decode_atom,
+    decode_embedding,
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
@@ -54,6 +56,27 @@ def test_v1_samples_decode() -> None:
     assert isinstance(commands[1], StartMigration) and commands[1].backfill == BackfillConfig()
     status = msgspec.json.decode((SAMPLES / "routing_status.json").read_bytes(), type=RoutingStatus)
     assert status.phase is RoutingPhase.MIGRATING and status.last_rejection is not None
+
+
+def test_msgpack_sample_decodes_to_the_json_sample_at_float32() -> None:
+    from_json = decode_embedding((SAMPLES / "embedding_record.json").read_bytes())
+    from_msgpack = decode_embedding(
+        (SAMPLES / "embedding_record.msgpack").read_bytes(), encoding="msgpack"
+    )
+    assert from_msgpack.vector == [float(np.float32(x)) for x in from_json.vector]
+    assert msgspec.structs.replace(from_msgpack, vector=from_json.vector) == from_json
+
+
+def test_msgpack_values_that_do_not_fit_are_refused() -> None:
+    packed = (SAMPLES / "embedding_record.msgpack").read_bytes()
+    with pytest.raises(msgspec.DecodeError):
+        decode_embedding(packed[:-30], encoding="msgpack")
+    record = msgspec.msgpack.decode(packed)
+    record["vector"] = record["vector"][:8]
+    with pytest.raises(ValueError, match="vector holds 8 bytes, dim 3 needs 12"):
+        decode_embedding(msgspec.msgpack.encode(record), encoding="msgpack")
+    with pytest.raises(ValueError, match=r"unknown lattice\.encoding 'avro'"):
+        decode_embedding(packed, encoding="avro")
 
 
 def test_backfill_defaults_are_the_original_design() -> None:
