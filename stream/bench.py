@@ -11,6 +11,7 @@ Ratios are taken between numbers measured in the same run, so they hold across m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import statistics
@@ -37,6 +38,8 @@ from stream.models import ModelPool
 from stream.operator import send_command
 
 WORKLOADS = ("short", "medium", "long", "mixed")
+
+log = logging.getLogger(__name__)
 
 
 def workload_texts(name: str, count: int, *, seed: int = 7) -> list[str]:
@@ -147,13 +150,12 @@ async def _produce(
     try:
         began = time.monotonic()
         for i, text in enumerate(texts):
+            if rate is not None and (due := began + i / rate) > time.monotonic():
+                await producer.flush()  # what is due is on the wire; wait for the next one
+                await anyio.sleep(max(0.0, due - time.monotonic()))  # offered load pacing
             atom_id = f"{prefix}-{i}"
             value = msgspec.json.encode({"type": "atom.created", "atom_id": atom_id, "text": text})
             await producer.send(config.topics.atoms, value, atom_id.encode())
-            if rate is not None:
-                due = began + (i + 1) / rate
-                await producer.flush()
-                await anyio.sleep(max(0.0, due - time.monotonic()))  # offered load pacing
         await producer.flush()
     finally:
         await producer.stop()
@@ -202,11 +204,19 @@ async def end_to_end(
 
     stop = anyio.Event()
     began = [time.perf_counter()]
+    assigned = anyio.Event()
 
     def on_assigned() -> None:
         # Throughput counts from the moment the processor owns the partitions: start-up
         # (topic checks, control replay, group join) is not part of it.
         began[0] = time.perf_counter()
+        assigned.set()
+
+    async def produce_at_rate() -> None:
+        # Offered load starts once the processor owns the partitions, so a slow group join
+        # (Kafka's initial rebalance delay, Tansu's session_timeout/2) is not counted as latency.
+        await assigned.wait()
+        await _produce(config, texts, rate=rate)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(
@@ -215,7 +225,7 @@ async def end_to_end(
             )
         )
         if rate is not None:
-            tasks.start_soon(lambda: _produce(config, texts, rate=rate))
+            tasks.start_soon(produce_at_rate)
         await done.wait()
         elapsed = time.perf_counter() - began[0]
         stop.set()
@@ -435,6 +445,18 @@ async def run_bench(
             result.p50_ms = float(np.percentile(latencies, 50))
             result.p99_ms = float(np.percentile(latencies, 99))
         results.append(result)
+        log.info(
+            "bench %s: model only %.1f, embedder %.1f, end to end %.1f atoms/s (%.2fx); "
+            "at %.1f atoms/s p50 %.0f ms, p99 %.0f ms",
+            name,
+            result.model_only,
+            result.embedder,
+            result.end_to_end,
+            result.ratio,
+            result.offered_rate,
+            result.p50_ms,
+            result.p99_ms,
+        )
     report: dict[str, Any] = {
         "model": model,
         "device": config.runtime.device,

@@ -40,6 +40,9 @@ class KafkaConfig(_Section, frozen=True):
     session_timeout_ms: PositiveInt = 45_000
     max_poll_interval_ms: PositiveInt = 300_000
     request_timeout_ms: PositiveInt = 40_000
+    # Longest a fetch waits at the broker for new records. Kafka answers as soon as records
+    # arrive; Tansu holds every fetch this long, so it bounds the latency added there.
+    fetch_max_wait_ms: PositiveInt = 500
     exactly_once: bool = False
     # Idempotent producers keep retried sends from duplicating or reordering records. Turn it
     # off only for a broker that lacks them (Tansu) or a principal without IDEMPOTENT_WRITE.

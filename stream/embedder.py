@@ -121,15 +121,14 @@ class Embedder:
         padded = 0
         with self._lock, torch.inference_mode():
             for batch in batches:
-                width = max(lengths[i] for i in batch)
+                sizes = np.array([lengths[i] for i in batch], dtype=np.int64)
+                width = int(sizes.max())
                 padded += width * len(batch)
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
                 for row, index in enumerate(batch):
-                    seq = tokenized.input_ids[index]
-                    ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, : len(seq)] = 1
-                out[batch] = self._forward(ids, mask)
+                    ids[row, : sizes[row]] = tokenized.input_ids[index]
+                mask = (np.arange(width) < sizes[:, None]).astype(np.int64)
+                out[batch] = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
         stats = EmbedStats(
             atoms=len(lengths),
             tokens=sum(lengths),
@@ -190,6 +189,7 @@ def _load(
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]
             source, use_fast=True, local_files_only=True
         )

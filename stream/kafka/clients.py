@@ -65,6 +65,7 @@ def make_consumer(
         "isolation_level": "read_committed",
         "session_timeout_ms": kafka.session_timeout_ms,
         "max_poll_interval_ms": kafka.max_poll_interval_ms,
+        "fetch_max_wait_ms": kafka.fetch_max_wait_ms,
         "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
         "fetch_max_bytes": 4 * MAX_REQUEST_BYTES,
     }
