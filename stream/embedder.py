@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 
+# Token ids only: masks are built per micro-batch, token types are all zero.
+_IDS_ONLY: dict[str, Any] = {
+    "truncation": True,
+    "add_special_tokens": True,
+    "return_attention_mask": False,
+    "return_token_type_ids": False,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Tokenized:
@@ -92,17 +100,11 @@ class Embedder:
         limit = self.config.max_tokens
         prefixed = [prefix + text for text in texts] if prefix else list(texts)
         with self._lock:
-            probe = self._tokenizer(
-                prefixed, truncation=True, max_length=limit + 1, add_special_tokens=True
-            )["input_ids"]
+            probe = self._tokenizer(prefixed, max_length=limit + 1, **_IDS_ONLY)["input_ids"]
             overlong = [len(ids) > limit for ids in probe]
             long_texts = [text for text, long in zip(prefixed, overlong, strict=True) if long]
             if long_texts:
-                cut = iter(
-                    self._tokenizer(
-                        long_texts, truncation=True, max_length=limit, add_special_tokens=True
-                    )["input_ids"]
-                )
+                cut = iter(self._tokenizer(long_texts, max_length=limit, **_IDS_ONLY)["input_ids"])
                 probe = [
                     next(cut) if long else ids for ids, long in zip(probe, overlong, strict=True)
                 ]
