@@ -10,9 +10,11 @@ deploy/README.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import promql_parser
 import pytest
 import yaml
 
+from stream.cli import build_parser
 from stream.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +129,8 @@ def test_every_deploy_file_is_known_and_parses() -> None:
             tomllib.loads(text)
         elif path.name.startswith("Dockerfile") or path.suffix == ".md":
             pass
+        elif text.startswith("#!/usr/bin/env bash"):
+            subprocess.run(["bash", "-n", str(path)], check=True, timeout=10)
         else:
             pytest.fail(f"{rel}: no check for this kind of file; extend tests/unit/test_deploy.py")
 
@@ -602,3 +607,18 @@ def test_readme_internal_links_resolve() -> None:
         assert (DEPLOY / path).exists(), f"deploy/README.md names missing deploy/{path}"
     for command in ["start-migration", "status --watch", "rollback", "finalize", "pause"]:
         assert command in text
+
+
+def test_bench_gpu_script_uses_real_flags_and_settings() -> None:
+    text = (DEPLOY / "bench-gpu").read_text(encoding="utf-8")
+    exports = dict(re.findall(r"export (LATTICE_[A-Z_]+)=\$\{\1:-(\w+)\}", text))
+    assert len(exports) == 3, exports
+    check_lattice_env(exports, "deploy/bench-gpu")
+    bench = next(
+        action.choices["bench"]
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    known = {flag for action in bench._actions for flag in action.option_strings}
+    used = set(re.findall(r"(--[a-z][a-z-]+)", text))
+    assert used and used <= known, used - known
