@@ -74,7 +74,9 @@ class _Reader:
 def metadata(host: str, port: int, timeout: float) -> dict:
     """One MetadataRequest v4 for no topics; returns brokers/cluster id/controller."""
     correlation_id = int(time.monotonic() * 1000) & 0x7FFFFFFF
-    header = struct.pack(">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(CLIENT_ID))
+    header = struct.pack(
+        ">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(CLIENT_ID)
+    )
     header += CLIENT_ID
     # topics: empty (non-null) array -> no topics; allow_auto_topic_creation: false
     body = struct.pack(">ib", 0, 0)
@@ -162,8 +164,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
         except (OSError, ProbeError) as exc:
             last_error = str(exc)
         if time.monotonic() >= deadline:
-            print(f"timed out after {args.timeout:g}s waiting for {args.host}:{args.port} "
-                  f"(last error: {last_error})", file=sys.stderr)
+            print(
+                f"timed out after {args.timeout:g}s waiting for {args.host}:{args.port} "
+                f"(last error: {last_error})",
+                file=sys.stderr,
+            )
             return 3
         time.sleep(0.25)
 
@@ -220,7 +225,9 @@ def cmd_split_properties(_args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("metadata")
     p.add_argument("host")
