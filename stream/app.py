@@ -75,11 +75,13 @@ async def run_processor(
     on_commit: CommitHook | None = None,
     on_assigned: Callable[[], None] | None = None,
     models: ModelPool | None = None,
+    on_metrics: Callable[[int | None], None] | None = None,
 ) -> LiveStats:
     """Run the processor until `stop` is set (or SIGTERM/SIGINT when `stop` is None).
 
     Start-up order matters: topics, then the whole control log replayed, then the models
-    the routing needs, and only then the first atom.
+    the routing needs, and only then the first atom. `on_metrics` gets the metrics
+    endpoint's bound port once it listens (None if it could not bind).
     """
     stop = stop or anyio.Event()
     stats = LiveStats()
@@ -99,7 +101,9 @@ async def run_processor(
     try:
         async with anyio.create_task_group() as server:
             if config.metrics.enabled:
-                await server.start(_serve_metrics, Metrics(sources), config)
+                port = await server.start(_serve_metrics, Metrics(sources), config)
+                if on_metrics is not None:
+                    on_metrics(port)
             try:
                 await _start_and_consume(
                     config, role, stop, models or ModelPool(config), sources, on_commit, assigned

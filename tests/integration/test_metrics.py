@@ -58,13 +58,10 @@ async def test_metrics_agree_with_the_run_and_readiness_waits_for_partitions(
     good = [(f"a{i}".encode(), atom_value(f"a{i}", f"text number {i}")) for i in range(30)]
     bad = [(b"x1", b"not json"), (b"x2", atom_value("x2", "  "))]
     async with processor(config) as running:
-        with anyio.fail_after(60):
-            while True:  # the endpoint comes up before the control log is replayed
-                try:
-                    status, body = await get(port, "/readyz")
-                    break
-                except OSError:
-                    await anyio.sleep(0.1)  # the listener is not bound yet
+        with anyio.fail_after(60):  # the endpoint comes up before the control log is replayed
+            await running.listening.wait()
+        assert running.metrics_port == port
+        status, body = await get(port, "/readyz")
         assert status == 503, "no partitions yet: the input topic does not exist"
         assert (await get(port, "/healthz"))[0] == 200
         await create_topic(bootstrap, atoms, partitions=2)

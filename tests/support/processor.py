@@ -20,7 +20,13 @@ class Running:
     def __init__(self) -> None:
         self.stats = LiveStats()
         self.committed: dict[int, int] = {}
+        self.metrics_port: int | None = None
+        self.listening = anyio.Event()  # set once the metrics endpoint is bound
         self._changed = anyio.Event()
+
+    def on_metrics(self, port: int | None) -> None:
+        self.metrics_port = port
+        self.listening.set()
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         self.committed.update(offsets)
@@ -42,7 +48,13 @@ async def processor(config: Config, *, role: str = "all") -> AsyncIterator[Runni
     async with anyio.create_task_group() as tasks:
 
         async def run() -> None:
-            result = await run_processor(config, stop=stop, role=role, on_commit=running.on_commit)
+            result = await run_processor(
+                config,
+                stop=stop,
+                role=role,
+                on_commit=running.on_commit,
+                on_metrics=running.on_metrics,
+            )
             running.stats.__dict__.update(result.__dict__)
 
         tasks.start_soon(run)
