@@ -159,12 +159,19 @@ class WindowProcessor:
         # Two stages joined by a bounded stream: the model thread runs up to PIPELINE_DEPTH
         # micro-batches ahead while the event loop encodes and produces finished ones.
         embedded_in, embedded_out = anyio.create_memory_object_stream[_Embedded](PIPELINE_DEPTH)
-        async with anyio.create_task_group() as stages:
-            stages.start_soon(self._infer, window, jobs, embedded_in)
-            async with embedded_out:
-                async for model, done, vectors in embedded_out:
-                    outputs[model].vectors.update(vectors)
-                    await self._release(window, outputs[model], done)
+        try:
+            async with anyio.create_task_group() as stages:
+                stages.start_soon(self._infer, window, jobs, embedded_in)
+                async with embedded_out:
+                    async for model, done, vectors in embedded_out:
+                        outputs[model].vectors.update(vectors)
+                        await self._release(window, outputs[model], done)
+        except BaseExceptionGroup as group:  # callers handle RetryWindow & co., not groups
+            if len(group.exceptions) == 1 and not isinstance(
+                group.exceptions[0], BaseExceptionGroup
+            ):
+                raise group.exceptions[0] from None
+            raise
         for model, model_outputs in outputs.items():
             if not model_outputs.release.done:
                 raise AssertionError(f"window left unreleased items for model {model}")
@@ -315,6 +322,8 @@ class WindowProcessor:
         except RECORD_ERRORS as exc:
             await self._dead_letter(window, position, "produce", type(exc).__name__, str(exc))
             return
+        except KafkaError as exc:  # e.g. no metadata for the topic in time: transient
+            raise RetryWindow(f"send to {topic} failed: {exc!r}") from exc
         window.acks.append((ack, position, model))
 
     async def _dead_letter(
@@ -334,9 +343,16 @@ class WindowProcessor:
             stage,
             reason,
         )
-        ack = await self._send(
-            self._config.topics.dlq, letter.key, letter.value, letter.headers, letter.timestamp_ms
-        )
+        try:
+            ack = await self._send(
+                self._config.topics.dlq,
+                letter.key,
+                letter.value,
+                letter.headers,
+                letter.timestamp_ms,
+            )
+        except KafkaError as exc:
+            raise RetryWindow(f"dead letter could not be written: {exc!r}") from exc
         window.acks.append((ack, position, ""))
 
     async def _await_acks(self, window: _Window) -> None:
