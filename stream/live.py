@@ -1,10 +1,11 @@
 """The live path: consume -> route -> embed -> produce -> commit, with migration work between.
 
-One window at a time: a window is closed by size (`batching.window_atoms`) or by
-`batching.max_wait_ms`. Its routing is the control plane's state synced *after* the fetch,
-so a command appended during the fetch already applies to it. Offsets are committed
-(`offset + 1`) only after every output and dead letter of the window is acknowledged.
-Between windows the migration worker records handoffs and runs backfill batches.
+One window at a time: a window is closed by size (`batching.window_atoms`) or
+`batching.max_wait_ms` after its first atom arrived. Its routing is the control plane's
+state synced *after* the fetch, so a command appended during the fetch already applies to
+it. Offsets are committed (`offset + 1`) only after every output and dead letter of the
+window is acknowledged. Between windows the migration worker records handoffs and runs
+backfill batches.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         self._on_commit = on_commit
         self._on_assigned = on_assigned
         self._processed: dict[TopicPartition, int] = {}
+        self._fetched_at = time.monotonic()  # when the last window's fetch ended
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first."""
@@ -146,10 +148,27 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
             for messages in fetched.values():
                 records.extend(to_source_record(m) for m in messages)
             if records and deadline is None:
-                deadline = time.monotonic() + batching.max_wait_ms / 1000
+                deadline = self._window_deadline(records)
             if not records:
                 break
+        self._fetched_at = time.monotonic()
         return records
+
+    def _window_deadline(self, records: Sequence[SourceRecord]) -> float:
+        """`max_wait_ms` after the window's first atom arrived, not after it was fetched.
+
+        Atoms that waited in the consumer's buffer while the previous window was processed
+        count that time (by record timestamp, capped by the time since the last fetch ended,
+        which bounds what a producer clock that runs behind can claim): under load a window
+        closes as soon as the buffer is drained instead of adding a full wait to every atom.
+        """
+        now = time.monotonic()
+        stamps = [
+            r.timestamp_ms for r in records if r.timestamp_ms is not None and r.timestamp_ms > 0
+        ]
+        age = time.time() - min(stamps) / 1000 if stamps else 0.0
+        age = min(max(age, 0.0), now - self._fetched_at)
+        return now + max(0.0, self._config.batching.max_wait_ms / 1000 - age)
 
     async def _commit(self, records: Sequence[SourceRecord]) -> None:
         offsets: dict[TopicPartition, int] = {}
