@@ -10,15 +10,12 @@ Ratios are taken between numbers measured in the same run, so they hold across m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
-import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,83 +26,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.control import BackfillConfig, StartMigration
 from stream.app import prepare_topics, run_processor
+from stream.benchreport import Rate, WorkloadResult, median, write_report
 from stream.config import Config, with_run_topics
-from stream.corpus import sample_texts
 from stream.embedder import Embedder
 from stream.kafka.admin import Admin, TopicSpec
 from stream.kafka.clients import connection_options
 from stream.models import ModelPool
 from stream.operator import send_command
-
-WORKLOADS = ("short", "medium", "long", "mixed")
+from stream.workloads import LazyTexts, workload_texts
 
 log = logging.getLogger(__name__)
-
-
-def workload_texts(name: str, count: int, *, seed: int = 7) -> list[str]:
-    """Deterministic texts of a target size: short ~16 tokens, medium ~64, long ~256+ (cut),
-    mixed heavy-tailed (log-normal word counts)."""
-    rng = random.Random(f"{name}-{seed}")
-    words = " ".join(sample_texts()).split()
-    sizes = {
-        "short": lambda: rng.randint(8, 14),
-        "medium": lambda: rng.randint(40, 56),
-        "long": lambda: rng.randint(230, 300),
-    }
-    pick: Callable[[], int] = sizes.get(
-        name, lambda: min(400, max(3, int(rng.lognormvariate(3.3, 0.9))))
-    )
-    texts = []
-    for i in range(count):
-        size = pick()
-        start = rng.randrange(0, len(words) - size)
-        texts.append(f"{i}: " + " ".join(words[start : start + size]))
-    return texts
-
-
-@dataclass
-class Rate:
-    """One throughput measurement."""
-
-    atoms: int
-    seconds: float
-    tokens: int = 0
-    padded_tokens: int = 0
-
-    @property
-    def atoms_per_sec(self) -> float:
-        return self.atoms / self.seconds if self.seconds else 0.0
-
-    @property
-    def tokens_per_sec(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def padding(self) -> float:
-        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-
-@dataclass
-class WorkloadResult:
-    """Medians over the runs of one workload."""
-
-    name: str
-    mean_tokens: float
-    model_only: float = 0.0
-    embedder: float = 0.0
-    end_to_end: float = 0.0
-    tokens_per_sec: float = 0.0
-    padding_model_only: float = 0.0
-    padding_embedder: float = 0.0
-    offered_rate: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    p99_bound_ms: float = 0.0  # 2 x max wait + one micro-batch's compute at the embedder rate
-    runs: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.end_to_end / self.model_only if self.model_only else 0.0
 
 
 def model_only(embedder: Embedder, texts: Sequence[str], batch: int = 64) -> Rate:
@@ -336,7 +266,7 @@ async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> d
     config = _fresh(config, "memory")
     async with Admin(config.kafka) as admin:
         await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
-    await _produce(config, _LazyTexts(atoms))
+    await _produce(config, LazyTexts(atoms))
     baseline = _rss_bytes()
     peak = baseline
     done = anyio.Event()
@@ -370,27 +300,6 @@ async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> d
         "peak_rss_mib": peak / mib,
         "growth_mib": (peak - baseline) / mib,
     }
-
-
-class _LazyTexts(Sequence[str]):
-    """Workload texts made on demand, so a 100k backlog costs the bench no memory."""
-
-    def __init__(self, count: int) -> None:
-        self._count = count
-        self._words = " ".join(sample_texts()).split()
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        if not 0 <= index < self._count:
-            raise IndexError(index)
-        start = (index * 7919) % (len(self._words) - 60)
-        return f"{index}: " + " ".join(self._words[start : start + 10 + index % 50])
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 async def run_bench(
@@ -428,12 +337,12 @@ async def run_bench(
             )
             measured["end_to_end"].append((await end_to_end(config, pool, texts))[0])
         result.runs = {k: [r.atoms_per_sec for r in v] for k, v in measured.items()}
-        result.model_only = _median(result.runs["model_only"])
-        result.embedder = _median(result.runs["embedder"])
-        result.end_to_end = _median(result.runs["end_to_end"])
-        result.tokens_per_sec = _median([r.tokens_per_sec for r in measured["embedder"]])
-        result.padding_model_only = _median([r.padding for r in measured["model_only"]])
-        result.padding_embedder = _median([r.padding for r in measured["embedder"]])
+        result.model_only = median(result.runs["model_only"])
+        result.embedder = median(result.runs["embedder"])
+        result.end_to_end = median(result.runs["end_to_end"])
+        result.tokens_per_sec = median([r.tokens_per_sec for r in measured["embedder"]])
+        result.padding_model_only = median([r.padding for r in measured["model_only"]])
+        result.padding_embedder = median([r.padding for r in measured["embedder"]])
         result.offered_rate = result.end_to_end / 2
         batch_secs = config.batching.micro_batch_atoms / result.embedder if result.embedder else 0
         result.p99_bound_ms = 2 * config.batching.max_wait_ms + 1000 * batch_secs
@@ -468,11 +377,11 @@ async def run_bench(
     if dual is not None:
         texts = workload_texts("mixed", atoms)
         second = await pool.get(dual)
-        a = _median([(await anyio.to_thread.run_sync(model_only, embedder, texts)).seconds])
-        b = _median([(await anyio.to_thread.run_sync(model_only, second, texts)).seconds])
+        a = median([(await anyio.to_thread.run_sync(model_only, embedder, texts)).seconds])
+        b = median([(await anyio.to_thread.run_sync(model_only, second, texts)).seconds])
         both = [(await end_to_end(config, pool, texts, second_model=dual))[0] for _ in range(runs)]
         ideal = len(texts) / (a + b)
-        measured_rate = _median([r.atoms_per_sec for r in both])
+        measured_rate = median([r.atoms_per_sec for r in both])
         report["dual_write"] = {
             "models": [model, dual],
             "atoms_per_sec": measured_rate,
@@ -490,82 +399,5 @@ async def run_bench(
         )
     if memory_atoms is not None:
         report["memory"] = await memory_under_backlog(config, pool, memory_atoms)
-    await anyio.to_thread.run_sync(_write, report, results, out)
+    await anyio.to_thread.run_sync(write_report, report, results, out)
     return report
-
-
-def _write(report: dict[str, Any], results: Sequence[WorkloadResult], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    _plot(results, out / "bench.png")
-
-
-def _plot(results: Sequence[WorkloadResult], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    names = [r.name for r in results]
-    x = np.arange(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for offset, (label, key) in enumerate(
-        (("model only", "model_only"), ("embedder", "embedder"), ("end to end", "end_to_end"))
-    ):
-        left.bar(x + (offset - 1) * 0.27, [getattr(r, key) for r in results], 0.27, label=label)
-    left.set_xticks(x, names)
-    left.set_ylabel("atoms/s")
-    left.set_title("throughput by workload")
-    left.legend()
-    right.bar(x - 0.2, [r.p50_ms for r in results], 0.4, label="p50")
-    right.bar(x + 0.2, [r.p99_ms for r in results], 0.4, label="p99")
-    right.set_xticks(x, names)
-    right.set_ylabel("ms")
-    right.set_title("latency at half the sustainable load")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as a plain table."""
-    lines = [
-        f"model {report['model']} on {report['device']}, {report['atoms']} atoms, "
-        f"median of {report['runs']} run(s)",
-        f"{'workload':9} {'tokens':>6} {'model':>8} {'embedder':>9} {'e2e':>8} {'e2e/model':>9} "
-        f"{'tok/s':>8} {'pad(a)':>6} {'pad(b)':>6} {'load':>6} {'p50ms':>7} {'p99ms':>7} "
-        f"{'bound':>6}",
-    ]
-    for w in report["workloads"]:
-        lines.append(
-            f"{w['name']:9} {w['mean_tokens']:6.0f} {w['model_only']:8.1f} {w['embedder']:9.1f} "
-            f"{w['end_to_end']:8.1f} {w['ratio_end_to_end_vs_model_only']:9.2f} "
-            f"{w['tokens_per_sec']:8.0f} {w['padding_model_only']:6.2f} "
-            f"{w['padding_embedder']:6.2f} {w['offered_rate']:6.1f} {w['p50_ms']:7.0f} "
-            f"{w['p99_ms']:7.0f} {w['p99_bound_ms']:6.0f}"
-        )
-    if "backfill_latency" in report:
-        b = report["backfill_latency"]
-        lines.append(
-            f"live at {b['live_rate']:.1f} atoms/s: p99 idle {b['idle_p99_ms']:.0f} ms, under "
-            f"backfill {b['busy_p99_ms']:.0f} ms (x{b['p99_ratio']:.2f}); backfill "
-            f"{b['backfill_atoms_per_sec']:.1f} atoms/s ({b['backfill_done']:.0f}/"
-            f"{b['backfill_total']:.0f} meanwhile)"
-        )
-    if "memory" in report:
-        m = report["memory"]
-        lines.append(
-            f"memory, {m['atoms']:.0f}-atom backlog in {m['seconds']:.0f}s: peak RSS "
-            f"{m['peak_rss_mib']:.0f} MiB, idle with model {m['baseline_rss_mib']:.0f} MiB "
-            f"(growth {m['growth_mib']:.0f} MiB), model {m['model_mib']:.0f} MiB"
-        )
-    if "dual_write" in report:
-        d = report["dual_write"]
-        lines.append(
-            f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
-            f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
-        )
-    return "\n".join(lines)

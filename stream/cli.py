@@ -194,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(config: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stream.bench import WORKLOADS, format_table, run_bench
+    from stream.bench import run_bench
+    from stream.benchreport import format_table
+    from stream.workloads import WORKLOADS
 
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     unknown = set(workloads) - set(WORKLOADS)

@@ -1,0 +1,140 @@
+"""Benchmark results: the measured rates, the per-workload summary, the table and the plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Rate:
+    """One throughput measurement."""
+
+    atoms: int
+    seconds: float
+    tokens: int = 0
+    padded_tokens: int = 0
+
+    @property
+    def atoms_per_sec(self) -> float:
+        return self.atoms / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclass
+class WorkloadResult:
+    """Medians over the runs of one workload."""
+
+    name: str
+    mean_tokens: float
+    model_only: float = 0.0
+    embedder: float = 0.0
+    end_to_end: float = 0.0
+    tokens_per_sec: float = 0.0
+    padding_model_only: float = 0.0
+    padding_embedder: float = 0.0
+    offered_rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p99_bound_ms: float = 0.0  # 2 x max wait + one micro-batch's compute at the embedder rate
+    runs: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.end_to_end / self.model_only if self.model_only else 0.0
+
+
+def median(values: list[float]) -> float:
+    """The median, 0 for no values."""
+    return statistics.median(values) if values else 0.0
+
+
+def write_report(report: dict[str, Any], results: Sequence[WorkloadResult], out: Path) -> None:
+    """bench.json and bench.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    _plot(results, out / "bench.png")
+
+
+def _plot(results: Sequence[WorkloadResult], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r.name for r in results]
+    x = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, (label, key) in enumerate(
+        (("model only", "model_only"), ("embedder", "embedder"), ("end to end", "end_to_end"))
+    ):
+        left.bar(x + (offset - 1) * 0.27, [getattr(r, key) for r in results], 0.27, label=label)
+    left.set_xticks(x, names)
+    left.set_ylabel("atoms/s")
+    left.set_title("throughput by workload")
+    left.legend()
+    right.bar(x - 0.2, [r.p50_ms for r in results], 0.4, label="p50")
+    right.bar(x + 0.2, [r.p99_ms for r in results], 0.4, label="p99")
+    right.set_xticks(x, names)
+    right.set_ylabel("ms")
+    right.set_title("latency at half the sustainable load")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain table."""
+    lines = [
+        f"model {report['model']} on {report['device']}, {report['atoms']} atoms, "
+        f"median of {report['runs']} run(s)",
+        f"{'workload':9} {'tokens':>6} {'model':>8} {'embedder':>9} {'e2e':>8} {'e2e/model':>9} "
+        f"{'tok/s':>8} {'pad(a)':>6} {'pad(b)':>6} {'load':>6} {'p50ms':>7} {'p99ms':>7} "
+        f"{'bound':>6}",
+    ]
+    for w in report["workloads"]:
+        lines.append(
+            f"{w['name']:9} {w['mean_tokens']:6.0f} {w['model_only']:8.1f} {w['embedder']:9.1f} "
+            f"{w['end_to_end']:8.1f} {w['ratio_end_to_end_vs_model_only']:9.2f} "
+            f"{w['tokens_per_sec']:8.0f} {w['padding_model_only']:6.2f} "
+            f"{w['padding_embedder']:6.2f} {w['offered_rate']:6.1f} {w['p50_ms']:7.0f} "
+            f"{w['p99_ms']:7.0f} {w['p99_bound_ms']:6.0f}"
+        )
+    if "backfill_latency" in report:
+        b = report["backfill_latency"]
+        lines.append(
+            f"live at {b['live_rate']:.1f} atoms/s: p99 idle {b['idle_p99_ms']:.0f} ms, under "
+            f"backfill {b['busy_p99_ms']:.0f} ms (x{b['p99_ratio']:.2f}); backfill "
+            f"{b['backfill_atoms_per_sec']:.1f} atoms/s ({b['backfill_done']:.0f}/"
+            f"{b['backfill_total']:.0f} meanwhile)"
+        )
+    if "memory" in report:
+        m = report["memory"]
+        lines.append(
+            f"memory, {m['atoms']:.0f}-atom backlog in {m['seconds']:.0f}s: peak RSS "
+            f"{m['peak_rss_mib']:.0f} MiB, idle with model {m['baseline_rss_mib']:.0f} MiB "
+            f"(growth {m['growth_mib']:.0f} MiB), model {m['model_mib']:.0f} MiB"
+        )
+    if "dual_write" in report:
+        d = report["dual_write"]
+        lines.append(
+            f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
+            f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
+        )
+    return "\n".join(lines)
