@@ -138,17 +138,18 @@ class LiveConsumer(ConsumerRebalanceListener):  # type: ignore[misc]
         while len(records) < batching.window_atoms and not stop.is_set():
             if deadline is None:
                 timeout_ms = 500 if not self._migration.has_pending_backfill else 0
-            else:
-                timeout_ms = int((deadline - time.monotonic()) * 1000)
-                if timeout_ms <= 0:
-                    break
+            else:  # past the deadline: only what is already buffered (timeout 0)
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             fetched = await self._consumer.getmany(
                 timeout_ms=timeout_ms, max_records=batching.window_atoms - len(records)
             )
+            before = len(records)
             for messages in fetched.values():
                 records.extend(to_source_record(m) for m in messages)
             if records and deadline is None:
                 deadline = self._window_deadline(records)
+            elif timeout_ms == 0 and len(records) == before:
+                break  # the deadline has passed and the buffer is drained
             if not records:
                 break
         self._fetched_at = time.monotonic()
