@@ -81,7 +81,7 @@ class _Window:
 _Embedded = tuple[str, list[int], dict[int, Vectors]]
 
 # Micro-batches the model may run ahead of the output stage; each holds at most
-# `micro_batch_atoms` vectors, so this bounds the in-flight vectors per window too.
+# `micro_batch_atoms` vectors, so this bounds the vectors queued between the stages.
 PIPELINE_DEPTH = 4
 
 
