@@ -23,7 +23,7 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
         [
             sys.executable,
             "-m",
-            "stream.cli",
+            "stream.ops.cli",
             "bench",
             "--config",
             str(path),

@@ -41,7 +41,7 @@ def processor_process(config_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
     with open(log_path, "wb") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -147,7 +147,7 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
+        [sys.executable, "-m", "stream.ops.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

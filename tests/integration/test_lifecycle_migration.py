@@ -14,7 +14,7 @@ import pytest
 
 from schemas.control import Rollback
 from schemas.routing import RoutingPhase, RoutingStatus
-from stream.operator import send_command
+from stream.ops.operator import send_command
 from tests.integration.test_lifecycle import processor_process
 from tests.integration.test_migration import (
     PARTITIONS,

@@ -13,8 +13,8 @@ import pytest
 
 from schemas.embeddings import EmbeddingRecord, decode_embedding
 from stream.config import OutputConfig
-from stream.corpus import sample_texts
-from stream.embedder import Embedder
+from stream.embed.embedder import Embedder
+from stream.tools.corpus import sample_texts
 from tests.support.kafka import (
     atom_value,
     collect,

@@ -21,8 +21,8 @@ from schemas.control import (
 from schemas.embeddings import EmbeddingRecord
 from schemas.routing import MigrationState, RoutingPhase
 from stream.config import Config
-from stream.operator import send_command
-from stream.routing import RoutingState
+from stream.core.routing import RoutingState
+from stream.ops.operator import send_command
 from tests.support.kafka import (
     atom_value,
     create_topic,

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     """Run `lattice-embed ARGS` to completion."""
-    return await anyio.run_process([sys.executable, "-m", "stream.cli", *args], check=False)
+    return await anyio.run_process([sys.executable, "-m", "stream.ops.cli", *args], check=False)
 
 
 @pytest.mark.timeout(120)
@@ -118,7 +118,7 @@ async def test_dry_run_counts_and_estimates_without_changing_anything(
 @pytest.mark.timeout(60)
 async def test_status_watch_shows_phase_and_models(migration_config: Any) -> None:
     _, path = migration_config(unique("atoms"))
-    command = [sys.executable, "-m", "stream.cli", "status", "--watch", "--config", str(path)]
+    command = [sys.executable, "-m", "stream.ops.cli", "status", "--watch", "--config", str(path)]
     async with await anyio.open_process(command) as watch:
         assert watch.stdout is not None
         seen = b""

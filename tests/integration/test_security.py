@@ -182,7 +182,7 @@ def test_wrong_password_fails_fast_with_one_error_line(
     began = time.monotonic()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "stream.cli", "run", "--config", str(path)],
+            [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(path)],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from stream.app import run_processor
 from stream.config import Config
-from stream.control import ControlPlane
-from stream.pipeline import LiveStats
-from stream.routing import RoutingState
+from stream.core.routing import RoutingState
+from stream.processor.app import run_processor
+from stream.processor.control import ControlPlane
+from stream.processor.window import LiveStats
 
 
 class Running:

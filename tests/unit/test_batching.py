@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stream.batching import (
+from stream.core.batching import (
     GROWTH,
     SLACK,
     InOrderRelease,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import main
 from stream.config import bundled_model_path, load_config
 from stream.errors import ConfigError
+from stream.ops.cli import main
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -112,9 +112,11 @@ def test_json_log_lines_carry_level_logger_and_message() -> None:
 
     import msgspec
 
-    from stream.cli import JsonLines
+    from stream.ops.cli import JsonLines
 
-    record = logging.LogRecord("stream.live", logging.INFO, __file__, 1, "window %d", (7,), None)
+    record = logging.LogRecord(
+        "stream.processor.live", logging.INFO, __file__, 1, "window %d", (7,), None
+    )
     entry = msgspec.json.decode(JsonLines().format(record))
-    assert entry["level"] == "INFO" and entry["logger"] == "stream.live"
+    assert entry["level"] == "INFO" and entry["logger"] == "stream.processor.live"
     assert entry["message"] == "window 7" and entry["ts"].endswith("+00:00")

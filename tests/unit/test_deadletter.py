@@ -1,6 +1,6 @@
 """Dead letters keep the original record and replace, not repeat, lattice.dlq.* headers."""
 
-from stream.deadletter import SourceRecord, dead_letter
+from stream.core.deadletter import SourceRecord, dead_letter
 
 
 def test_dead_letter_keeps_original_and_replaces_dlq_headers() -> None:

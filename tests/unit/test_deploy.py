@@ -24,8 +24,8 @@ import promql_parser
 import pytest
 import yaml
 
-from stream.cli import build_parser
 from stream.config import load_config
+from stream.ops.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stream.config import ModelConfig, load_config
-from stream.embedder import Embedder
+from stream.embed.embedder import Embedder
 from stream.errors import ModelLoadError
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "embed_parity_v1"

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from stream.config import Config
-from stream.deadletter import SourceRecord
-from stream.live import LiveConsumer
+from stream.core.deadletter import SourceRecord
+from stream.processor.live import LiveConsumer
 
 MAX_WAIT = 0.050  # the default batching.max_wait_ms, in seconds
 

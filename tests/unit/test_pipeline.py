@@ -15,9 +15,9 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError
 
 from stream.config import Config, ModelConfig
-from stream.deadletter import SourceRecord
-from stream.models import ModelPool
-from stream.pipeline import LiveStats, RetryWindow, WindowProcessor
+from stream.core.deadletter import SourceRecord
+from stream.embed.pool import ModelPool
+from stream.processor.window import LiveStats, RetryWindow, WindowProcessor
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

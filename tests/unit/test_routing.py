@@ -23,7 +23,7 @@ from schemas.control import (
     WindowClosed,
 )
 from schemas.routing import MigrationState, RoutingPhase
-from stream.routing import RoutingState, apply, initial_state
+from stream.core.routing import RoutingState, apply, initial_state
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 MODELS = {"a", "b", "c"}

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas.control import ControlEvent, WindowClosed
 from schemas.routing import MigrationState, RoutingStatus
 from stream.config import Config
+from stream.core.routing import RoutingState, apply, initial_state, reject_malformed
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
-from stream.routing import RoutingState, apply, initial_state, reject_malformed
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stream.batching import plan_micro_batches
 from stream.config import ModelConfig
+from stream.core.batching import plan_micro_batches
 from stream.errors import ModelLoadError
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,15 @@ import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.atoms import InvalidAtom, decode_atom
-from stream.app import prepare_topics
 from stream.config import Config
-from stream.deadletter import SourceRecord
+from stream.core.deadletter import SourceRecord
+from stream.embed.pool import ModelPool
 from stream.errors import ConfigError
 from stream.kafka.admin import Admin
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
-from stream.models import ModelPool
-from stream.pipeline import LiveStats, WindowProcessor, to_source_record
-from stream.progress import progress_line
+from stream.ops.progress import progress_line
+from stream.processor.app import prepare_topics
+from stream.processor.window import LiveStats, WindowProcessor, to_source_record
 
 
 @dataclass

@@ -11,17 +11,17 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from schemas.routing import RoutingStatus
-from stream.backfill import MigrationWorker
 from stream.config import Config
-from stream.control import ControlPlane
-from stream.embedder import check_model_source
+from stream.core.routing import RoutingState
+from stream.embed.embedder import check_model_source
+from stream.embed.pool import ModelPool
 from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
 from stream.kafka.clients import kafka_errors, make_consumer, make_producer
-from stream.live import CommitHook, LiveConsumer
-from stream.metrics import Health, Metrics, Sources
-from stream.models import ModelPool
-from stream.pipeline import LiveStats, WindowProcessor
-from stream.routing import RoutingState
+from stream.processor.backfill import MigrationWorker
+from stream.processor.control import ControlPlane
+from stream.processor.live import CommitHook, LiveConsumer
+from stream.processor.metrics import Health, Metrics, Sources
+from stream.processor.window import LiveStats, WindowProcessor
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage, decode_atom
 from schemas.embeddings import Path, SourceRef
-from stream.batching import InOrderRelease, plan_micro_batches
 from stream.config import Config
-from stream.deadletter import SourceRecord, dead_letter
-from stream.embedder import Embedder, Tokenized, Vectors
-from stream.models import ModelPool
-from stream.output import OutputRecord, embedding_output, tombstone_output
+from stream.core.batching import InOrderRelease, plan_micro_batches
+from stream.core.deadletter import SourceRecord, dead_letter
+from stream.core.output import OutputRecord, embedding_output, tombstone_output
+from stream.embed.embedder import Embedder, Tokenized, Vectors
+from stream.embed.pool import ModelPool
 
 log = logging.getLogger(__name__)
 

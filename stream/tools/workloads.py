@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from stream.corpus import sample_texts
+from stream.tools.corpus import sample_texts
 
 WORKLOADS = ("short", "medium", "long", "mixed")
 

@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         _setup_logging(config, quiet=args.command != "run")
         if args.command == "run":
-            from stream.app import run_processor
+            from stream.processor.app import run_processor
 
             anyio.run(lambda: run_processor(config, role=args.role))
             return 0
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(config, args)
         if args.command == "demo":
-            from stream.demo import run_demo
+            from stream.tools.demo import run_demo
 
             return run_demo(config, atoms=args.atoms, keep_broker=args.keep_broker)
     except ConfigError as exc:
@@ -194,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(config: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stream.bench import run_bench
-    from stream.benchreport import format_table
-    from stream.workloads import WORKLOADS
+    from stream.tools.bench import run_bench
+    from stream.tools.benchreport import format_table
+    from stream.tools.workloads import WORKLOADS
 
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     unknown = set(workloads) - set(WORKLOADS)
@@ -207,7 +207,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(config, runtime=runtime)
     started = False
     if args.local_broker:
-        from stream.localbroker import local_bootstrap, start_local_broker
+        from stream.tools.localbroker import local_bootstrap, start_local_broker
 
         started = start_local_broker()
         kafka = msgspec.structs.replace(config.kafka, bootstrap_servers=local_bootstrap())
@@ -230,7 +230,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
         )
     finally:
         if started:
-            from stream.localbroker import stop_local_broker
+            from stream.tools.localbroker import stop_local_broker
 
             stop_local_broker()
     print(format_table(report))
@@ -241,7 +241,7 @@ def _bench(config: Config, args: argparse.Namespace) -> int:
 def _replay(config: Config, args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from stream.replay import parse_offsets, replay
+    from stream.ops.replay import parse_offsets, replay
 
     def when(text: str) -> datetime:
         try:
@@ -277,7 +277,7 @@ def _replay(config: Config, args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: Config, source: str, target: str) -> int:
-    from stream.operator import dry_run
+    from stream.ops.operator import dry_run
 
     report = anyio.run(dry_run, config, source, target)
     print(f"source {report.source}: dim {report.source_dim}")
@@ -294,14 +294,14 @@ def _dry_run(config: Config, source: str, target: str) -> int:
 
 def _control(config: Config, args: argparse.Namespace) -> int:
     from schemas import control as commands
-    from stream.operator import send_command
+    from stream.ops.operator import send_command
 
     command: commands.ControlCommand
     issued_by = os.environ.get("USER")
     if args.action == "start-migration":
         source = args.source
         if source is None:
-            from stream.app import read_status
+            from stream.processor.app import read_status
 
             source = anyio.run(read_status, config).query_model
         if args.dry_run:
@@ -350,10 +350,10 @@ def _control(config: Config, args: argparse.Namespace) -> int:
 
 
 def _status(config: Config, *, as_json: bool, watch: bool) -> int:
-    from stream.app import read_status
+    from stream.processor.app import read_status
 
     if watch:
-        from stream.operator import watch_status
+        from stream.ops.operator import watch_status
 
         anyio.run(watch_status, config)
         return 0

@@ -13,14 +13,14 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.embeddings import ENCODING_HEADER, decode_embedding
-from stream.app import run_processor
 from stream.config import Config, with_run_topics
-from stream.corpus import sample_texts
+from stream.embed.pool import ModelPool
 from stream.kafka.admin import Admin, TopicSpec
 from stream.kafka.clients import connection_options
-from stream.localbroker import local_bootstrap, start_local_broker, stop_local_broker
-from stream.models import ModelPool
-from stream.progress import progress_line
+from stream.ops.progress import progress_line
+from stream.processor.app import run_processor
+from stream.tools.corpus import sample_texts
+from stream.tools.localbroker import local_bootstrap, start_local_broker, stop_local_broker
 
 QUERIES = (
     "compress data to make files smaller",

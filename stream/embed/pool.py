@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import anyio
 
 from stream.config import Config
-from stream.embedder import Embedder
+from stream.embed.embedder import Embedder
 from stream.errors import ModelLoadError
 
 

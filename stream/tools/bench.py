@@ -25,15 +25,15 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.control import BackfillConfig, StartMigration
-from stream.app import prepare_topics, run_processor
-from stream.benchreport import Rate, WorkloadResult, median, write_report
 from stream.config import Config, with_run_topics
-from stream.embedder import Embedder
+from stream.embed.embedder import Embedder
+from stream.embed.pool import ModelPool
 from stream.kafka.admin import Admin, TopicSpec
 from stream.kafka.clients import connection_options
-from stream.models import ModelPool
-from stream.operator import send_command
-from stream.workloads import LazyTexts, workload_texts
+from stream.ops.operator import send_command
+from stream.processor.app import prepare_topics, run_processor
+from stream.tools.benchreport import Rate, WorkloadResult, median, write_report
+from stream.tools.workloads import LazyTexts, workload_texts
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ async def backfill_latency(
 ) -> dict[str, float]:
     """Live p50/p99 at `rate` atoms/s with no migration, then while `history` atoms are
     backfilled to `target`; and the backfill rate reached meanwhile."""
-    from stream.control import ControlPlane
+    from stream.processor.control import ControlPlane
 
     config = _fresh(config, "backfill")
     async with Admin(config.kafka) as admin:

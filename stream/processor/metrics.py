@@ -20,8 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from schemas.routing import RoutingPhase
-from stream.pipeline import LiveStats
-from stream.routing import RoutingState
+from stream.core.routing import RoutingState
+from stream.processor.window import LiveStats
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from aiokafka import TopicPartition
 from schemas.atoms import AtomCreated, InvalidAtom, decode_atom
 from schemas.control import ControlCommand
 from schemas.routing import RoutingStatus
-from stream.app import prepare_topics
 from stream.config import Config
-from stream.control import ControlPlane
+from stream.embed.pool import ModelPool
 from stream.errors import ConfigError
 from stream.kafka.admin import Admin
 from stream.kafka.clients import kafka_errors, make_consumer
-from stream.models import ModelPool
-from stream.progress import progress_line
+from stream.ops.progress import progress_line
+from stream.processor.app import prepare_topics
+from stream.processor.control import ControlPlane
 
 
 async def send_command(config: Config, command: ControlCommand) -> tuple[bool, RoutingStatus]:

@@ -19,12 +19,12 @@ import anyio
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from stream.backfill import MigrationWorker
 from stream.config import Config
-from stream.control import ControlPlane
-from stream.deadletter import SourceRecord
-from stream.pipeline import RetryWindow, WindowProcessor, to_source_record
-from stream.routing import RoutingState
+from stream.core.deadletter import SourceRecord
+from stream.core.routing import RoutingState
+from stream.processor.backfill import MigrationWorker
+from stream.processor.control import ControlPlane
+from stream.processor.window import RetryWindow, WindowProcessor, to_source_record
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from schemas.atoms import InvalidAtom, decode_atom
 from schemas.control import BackfillProgress, HandoffRecorded
 from schemas.routing import MigrationState
 from stream.config import Config
-from stream.control import ControlPlane
-from stream.deadletter import SourceRecord
+from stream.core.deadletter import SourceRecord
+from stream.core.routing import Migration, RoutingState
 from stream.kafka.clients import make_consumer
-from stream.pipeline import WindowProcessor, to_source_record
-from stream.routing import Migration, RoutingState
+from stream.processor.control import ControlPlane
+from stream.processor.window import WindowProcessor, to_source_record
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Embedding models: torch/transformers encoders behind one small interface, and their pool."""

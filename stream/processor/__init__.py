@@ -1,0 +1,1 @@
+"""The processor: live path, backfill, control plane, metrics, and the wiring of them."""

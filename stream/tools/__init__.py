@@ -1,0 +1,1 @@
+"""Developer tooling: benchmarks, the demo, sample texts, the local broker."""
