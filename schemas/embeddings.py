@@ -14,7 +14,7 @@ from typing import Literal
 
 import msgspec
 
-Path = Literal["live", "backfill"]
+EmbeddingPath = Literal["live", "backfill"]  # how a record was made: new atom or history
 Encoding = Literal["json", "msgpack"]
 
 ENCODING_HEADER = "lattice.encoding"
@@ -41,7 +41,7 @@ class EmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
     vector: list[float]
     normalized: bool
     source: SourceRef
-    path: Path = "live"
+    path: EmbeddingPath = "live"
     migration_id: str | None = None
     embedded_at: datetime | None = None
 
@@ -55,7 +55,7 @@ class PackedEmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
     vector: bytes
     normalized: bool
     source: SourceRef
-    path: Path = "live"
+    path: EmbeddingPath = "live"
     migration_id: str | None = None
     embedded_at: datetime | None = None
 

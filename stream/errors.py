@@ -5,13 +5,16 @@ from schemas.errors import LatticeError
 
 __all__ = [
     "BrokerUnavailable",
+    "CommitFailed",
     "ConfigError",
-    "EmbedFailed",
     "FatalKafkaError",
     "InvalidAtom",
     "LatticeError",
     "ModelLoadError",
+    "NotAuthorized",
     "OverlongInput",
+    "RecordRejected",
+    "SendFailed",
 ]
 
 
@@ -23,17 +26,29 @@ class ModelLoadError(LatticeError):
     """A configured model cannot be loaded from its directory."""
 
 
+class OverlongInput(LatticeError):
+    """The text is longer than the model's token window and `on_overlong = "dead_letter"`."""
+
+
 class BrokerUnavailable(LatticeError):
-    """Kafka cannot be reached or refused the request."""
+    """Kafka cannot be reached, or failed a request in a way a retry may fix."""
+
+
+class NotAuthorized(LatticeError):
+    """Kafka refused the request: the principal lacks an ACL for the topic, group or cluster."""
 
 
 class FatalKafkaError(LatticeError):
-    """Kafka returned an error the processor cannot continue after (e.g. a fenced producer)."""
+    """Kafka returned an error the client cannot continue after (e.g. a fenced producer)."""
 
 
-class EmbedFailed(LatticeError):
-    """The model raised on an input, after retries."""
+class RecordRejected(LatticeError):
+    """The broker refused this one record (too large, invalid); a retry cannot help."""
 
 
-class OverlongInput(LatticeError):
-    """The text is longer than the model's token window and `on_overlong = "dead_letter"`."""
+class SendFailed(LatticeError):
+    """A send failed for a reason a retry can fix (no leader, timeout, broker restart)."""
+
+
+class CommitFailed(LatticeError):
+    """An offset commit was refused because the group rebalanced; the new owner redoes it."""

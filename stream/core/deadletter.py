@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from schemas.atoms import Stage
+from stream.core.records import OutRecord, SourceRecord
 
 HEADER_PREFIX = "lattice.dlq."
 
 
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
-    """An input record as read from Kafka, independent of the client library."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-    timestamp_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record for the dead-letter topic."""
-
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp_ms: int | None
-
-
-def dead_letter(record: SourceRecord, stage: Stage, error_class: str, reason: str) -> DeadLetter:
+def dead_letter(record: SourceRecord, stage: Stage, error_class: str, reason: str) -> OutRecord:
     """Keep the original key, value, headers and timestamp; add (or replace) the DLQ headers."""
     kept = [(name, value) for name, value in record.headers if not name.startswith(HEADER_PREFIX)]
     added: Sequence[tuple[str, str]] = (
@@ -51,6 +28,4 @@ def dead_letter(record: SourceRecord, stage: Stage, error_class: str, reason: st
         # value and say so, rather than lose the dead letter.
         value = b""
         headers.append((HEADER_PREFIX + "null-value", b"true"))
-    return DeadLetter(
-        key=record.key, value=value, headers=headers, timestamp_ms=record.timestamp_ms
-    )
+    return OutRecord(key=record.key, value=value, headers=headers, timestamp_ms=record.timestamp_ms)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -12,12 +11,13 @@ import numpy.typing as npt
 
 from schemas.embeddings import (
     ENCODING_HEADER,
+    EmbeddingPath,
     EmbeddingRecord,
     Encoding,
     PackedEmbeddingRecord,
-    Path,
     SourceRef,
 )
+from stream.core.records import OutRecord
 
 MODEL_HEADER = "lattice.model"
 SOURCE_OFFSET_HEADER = "lattice.source-offset"
@@ -25,15 +25,6 @@ SOURCE_OFFSET_HEADER = "lattice.source-offset"
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _ENCODING_VALUES = {"json": b"json", "msgpack": b"msgpack"}
-
-
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One record for an `embeddings.<model>` topic; `value` None is a tombstone."""
-
-    key: bytes
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
 
 
 def output_headers(model: str, source: SourceRef) -> list[tuple[str, bytes]]:
@@ -51,11 +42,11 @@ def embedding_output(
     vector: npt.NDArray[np.float32],
     normalized: bool,
     source: SourceRef,
-    path: Path,
+    path: EmbeddingPath,
     migration_id: str | None,
     embedded_at: datetime,
     encoding: Encoding = "json",
-) -> OutputRecord:
+) -> OutRecord:
     """An EmbeddingRecord for one atom under one model, in the configured encoding."""
     fields: dict[str, Any] = {
         "atom_id": atom_id,
@@ -74,11 +65,11 @@ def embedding_output(
         value = _json_encoder.encode(EmbeddingRecord(vector=vector.tolist(), **fields))
     headers = output_headers(model, source)
     headers.append((ENCODING_HEADER, _ENCODING_VALUES[encoding]))
-    return OutputRecord(key=atom_id.encode("utf-8"), value=value, headers=headers)
+    return OutRecord(key=atom_id.encode("utf-8"), value=value, headers=headers)
 
 
-def tombstone_output(*, atom_id: str, model: str, source: SourceRef) -> OutputRecord:
+def tombstone_output(*, atom_id: str, model: str, source: SourceRef) -> OutRecord:
     """A null value for a deleted atom."""
-    return OutputRecord(
+    return OutRecord(
         key=atom_id.encode("utf-8"), value=None, headers=output_headers(model, source)
     )

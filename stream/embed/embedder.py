@@ -110,10 +110,21 @@ class Embedder:
                 ]
         return Tokenized(input_ids=[list(ids) for ids in probe], overlong=overlong)
 
-    def embed_tokens(self, tokenized: Tokenized) -> tuple[Vectors, EmbedStats]:
-        """Run the model over length-sorted micro-batches; rows follow the input order."""
+    def embed_batch(self, input_ids: Sequence[Sequence[int]]) -> Vectors:
+        """One forward pass over one micro-batch (padded to its longest row); rows in order."""
         import torch
 
+        sizes = np.array([len(ids) for ids in input_ids], dtype=np.int64)
+        width = int(sizes.max())
+        ids = np.full((len(input_ids), width), self.pad_id, dtype=np.int64)
+        for row, tokens in enumerate(input_ids):
+            ids[row, : sizes[row]] = tokens
+        mask = (np.arange(width) < sizes[:, None]).astype(np.int64)
+        with self._lock, torch.inference_mode():
+            return self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
+
+    def embed_tokens(self, tokenized: Tokenized) -> tuple[Vectors, EmbedStats]:
+        """Plan length-sorted micro-batches and run them; rows follow the input order."""
         started = time.perf_counter()
         lengths = tokenized.lengths
         batches = plan_micro_batches(
@@ -121,16 +132,9 @@ class Embedder:
         )
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
         padded = 0
-        with self._lock, torch.inference_mode():
-            for batch in batches:
-                sizes = np.array([lengths[i] for i in batch], dtype=np.int64)
-                width = int(sizes.max())
-                padded += width * len(batch)
-                ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
-                for row, index in enumerate(batch):
-                    ids[row, : sizes[row]] = tokenized.input_ids[index]
-                mask = (np.arange(width) < sizes[:, None]).astype(np.int64)
-                out[batch] = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
+        for batch in batches:
+            padded += max(lengths[i] for i in batch) * len(batch)
+            out[batch] = self.embed_batch([tokenized.input_ids[i] for i in batch])
         stats = EmbedStats(
             atoms=len(lengths),
             tokens=sum(lengths),

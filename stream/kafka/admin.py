@@ -10,7 +10,8 @@ from aiokafka.errors import for_code
 
 from stream.config import KafkaConfig
 from stream.errors import BrokerUnavailable
-from stream.kafka.clients import MAX_REQUEST_BYTES, connection_options, kafka_errors
+from stream.kafka.clients import MAX_REQUEST_BYTES, connection_options
+from stream.kafka.errors import kafka_errors
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,13 @@
-"""Build aiokafka clients from the config, and translate their errors at the boundary."""
+"""Build aiokafka clients from the config (only `stream/kafka/` constructs them)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from stream.config import KafkaConfig
-from stream.errors import BrokerUnavailable
 
 # An embedding record is ~8 KiB of JSON; a dead letter carries an input of up to the broker's
 # limit plus headers. Both fit under this request size; owned topics allow it too.
@@ -38,13 +34,17 @@ def connection_options(kafka: KafkaConfig) -> dict[str, Any]:
 
 
 def make_producer(
-    kafka: KafkaConfig, *, transactional_id: str | None = None, linger_ms: int = 5
+    kafka: KafkaConfig,
+    *,
+    transactional_id: str | None = None,
+    linger_ms: int = 5,
+    idempotent: bool | None = None,
 ) -> AIOKafkaProducer:
     """A producer with acks=all (idempotent unless configured off), sized for our records."""
     return AIOKafkaProducer(
         **connection_options(kafka),
         acks="all",
-        enable_idempotence=kafka.enable_idempotence,
+        enable_idempotence=kafka.enable_idempotence if idempotent is None else idempotent,
         compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
         transactional_id=transactional_id,
         linger_ms=linger_ms,
@@ -71,17 +71,3 @@ def make_consumer(
     }
     options.update(overrides)
     return AIOKafkaConsumer(**options)
-
-
-@contextlib.asynccontextmanager
-async def kafka_errors(what: str, bootstrap_servers: str) -> AsyncIterator[None]:
-    """Re-raise aiokafka's connection errors as `BrokerUnavailable` with a readable line."""
-    try:
-        yield
-    except KafkaConnectionError as exc:
-        raise BrokerUnavailable(
-            f"{what}: cannot connect to Kafka at {bootstrap_servers} (unreachable, or its "
-            f"TLS/SASL settings refused ours): {exc}"
-        ) from exc
-    except KafkaError as exc:
-        raise BrokerUnavailable(f"{what}: Kafka error from {bootstrap_servers}: {exc!r}") from exc

@@ -7,23 +7,22 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import anyio
 import msgspec
-from aiokafka import TopicPartition
 
 from schemas.atoms import AtomCreated, InvalidAtom, decode_atom
 from schemas.control import ControlCommand
 from schemas.routing import RoutingStatus
 from stream.config import Config
+from stream.core.records import SourceRecord
 from stream.embed.pool import ModelPool
 from stream.errors import ConfigError
 from stream.kafka.admin import Admin
-from stream.kafka.clients import kafka_errors, make_consumer
+from stream.kafka.reader import PartitionReader
 from stream.ops.progress import progress_line
-from stream.processor.app import prepare_topics
 from stream.processor.control import ControlPlane
+from stream.processor.topics import prepare_topics
 
 
 async def send_command(config: Config, command: ControlCommand) -> tuple[bool, RoutingStatus]:
@@ -115,30 +114,20 @@ async def dry_run(config: Config, source: str, target: str, *, sample: int = 64)
     models = ModelPool(config)
     source_model = await models.get(source)
     target_model = await models.get(target)
-    reader = make_consumer(config.kafka, group_id=None)
     async with Admin(config.kafka) as admin:
-        partitions = await admin.partition_count(config.topics.atoms) or 0
+        partitions = list(range(await admin.partition_count(config.topics.atoms) or 0))
     texts: list[str] = []
     events = 0
-    async with kafka_errors("dry run", config.kafka.bootstrap_servers):
-        await reader.start()
-    try:
-        tps = [TopicPartition(config.topics.atoms, p) for p in range(partitions)]
-        if tps:
-            starts = await reader.beginning_offsets(tps)
-            ends = await reader.end_offsets(tps)
-            events = sum(int(ends[tp]) - int(starts[tp]) for tp in tps)
-            reader.assign(tps)
-            for tp in tps:
-                reader.seek(tp, max(int(starts[tp]), int(ends[tp]) - sample))
-            with anyio.move_on_after(10):
-                while len(texts) < sample and any(
-                    [await reader.position(tp) < int(ends[tp]) for tp in tps]
-                ):
-                    for messages in (await reader.getmany(timeout_ms=1000)).values():
-                        texts.extend(_texts(messages, config))
-    finally:
-        await reader.stop()
+    topic = config.topics.atoms
+    async with PartitionReader(config.kafka) as reader:
+        starts = await reader.beginning_offsets(topic, partitions)
+        ends = await reader.end_offsets(topic, partitions)
+        events = sum(ends[p] - starts[p] for p in partitions)
+        with anyio.move_on_after(10):
+            for partition in partitions:  # the newest events: what the log looks like now
+                first = max(starts[partition], ends[partition] - sample)
+                for record in await reader.read(topic, partition, first, ends[partition]):
+                    texts.extend(_texts([record], config))
     texts = texts[:sample] or [f"a sample atom number {i} for timing" for i in range(sample)]
     began = time.perf_counter()
     await anyio.to_thread.run_sync(lambda: target_model.embed(texts))
@@ -154,12 +143,12 @@ async def dry_run(config: Config, source: str, target: str, *, sample: int = 64)
     )
 
 
-def _texts(messages: list[Any], config: Config) -> list[str]:
+def _texts(records: list[SourceRecord], config: Config) -> list[str]:
     texts = []
-    for message in messages:
+    for record in records:
         try:
             event = decode_atom(
-                message.key, message.value, max_event_bytes=config.limits.max_event_bytes
+                record.key, record.value, max_event_bytes=config.limits.max_event_bytes
             )
         except InvalidAtom:
             continue

@@ -12,19 +12,19 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-import anyio
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from schemas.atoms import InvalidAtom, decode_atom
 from stream.config import Config
-from stream.core.deadletter import SourceRecord
+from stream.core.records import SourceRecord
 from stream.embed.pool import ModelPool
 from stream.errors import ConfigError
 from stream.kafka.admin import Admin
-from stream.kafka.clients import kafka_errors, make_consumer, make_producer
+from stream.kafka.producer import OutputProducer
+from stream.kafka.reader import PartitionReader
 from stream.ops.progress import progress_line
-from stream.processor.app import prepare_topics
-from stream.processor.window import LiveStats, WindowProcessor, to_source_record
+from stream.processor.inference import Inference
+from stream.processor.sensors import ProcessorStats, Sensor
+from stream.processor.topics import prepare_topics
+from stream.processor.window import WindowProcessor
 
 
 @dataclass
@@ -65,37 +65,33 @@ async def replay(
         )
     await prepare_topics(config)
     async with Admin(config.kafka) as admin:
-        partitions = await admin.partition_count(config.topics.atoms)
-    if partitions is None:
+        count = await admin.partition_count(config.topics.atoms)
+    if count is None:
         raise ConfigError(f"replay: topic {config.topics.atoms} does not exist")
-    reader = make_consumer(config.kafka, group_id=None, fetch_max_wait_ms=10)
-    producer = make_producer(config.kafka)
+    topic = config.topics.atoms
+    partitions = list(range(count))
     result = ReplayResult()
-    async with kafka_errors("replay", config.kafka.bootstrap_servers):
-        await reader.start()
-        await producer.start()
-    try:
-        tps = [TopicPartition(config.topics.atoms, p) for p in range(partitions)]
-        log_ends = {tp: int(o) for tp, o in (await reader.end_offsets(tps)).items()}
-        starts = await _resolve(reader, tps, from_offsets, from_time, default=None)
-        ends = await _resolve(reader, tps, to_offsets, to_time, default=log_ends)
-        total = sum(max(ends[tp] - starts[tp], 0) for tp in tps)
+    async with PartitionReader(config.kafka) as reader, OutputProducer(config.kafka) as producer:
+        log_starts = await reader.beginning_offsets(topic, partitions)
+        log_ends = await reader.end_offsets(topic, partitions)
+        starts = await _resolve(reader, config, from_offsets, from_time, log_starts)
+        ends = await _resolve(reader, config, to_offsets, to_time, log_ends)
+        total = sum(max(ends[p] - starts[p], 0) for p in partitions)
         models = ModelPool(config)
-
-        async def send(topic, key, value, headers, timestamp_ms):  # type: ignore[no-untyped-def]
-            return await producer.send(
-                topic, value=value, key=key, headers=headers, timestamp_ms=timestamp_ms
-            )
-
-        processor = WindowProcessor(config, models, send, LiveStats())
+        stats = ProcessorStats()
+        inference = Inference(config.batching, stats, Sensor())
+        processor = WindowProcessor(config, models, producer, inference, stats)
         await models.get(model)
         began = time.monotonic()
-        for tp in tps:
-            newer = await _keys(reader, tp, ends[tp], log_ends[tp], config)
-            offset = starts[tp]
-            while offset < ends[tp]:
-                batch_end = min(offset + config.batching.window_atoms, ends[tp])
-                records = await _read(reader, tp, offset, batch_end)
+        for partition in partitions:
+            newer = await _keys(reader, config, partition, ends[partition], log_ends[partition])
+            async for records in reader.chunks(
+                topic,
+                partition,
+                starts[partition],
+                ends[partition],
+                max_records=config.batching.window_atoms,
+            ):
                 keep = []
                 for record in records:
                     atom_id = _atom_id(record, config)
@@ -107,65 +103,49 @@ async def replay(
                         keep.append(record)
                 if keep:
                     await processor.process(keep, (model,), None, path="backfill")
-                result.events += batch_end - offset
+                result.events += len(records)
                 result.embedded += len(keep)
-                offset = batch_end
                 if show_progress:
                     line = progress_line(result.events, total, time.monotonic() - began)
                     sys.stderr.write(f"\r{line}")
         if show_progress:
             sys.stderr.write("\n")
-    finally:
-        with anyio.CancelScope(shield=True):
-            await reader.stop()
-            await producer.stop()
     return result
 
 
 async def _resolve(
-    reader: AIOKafkaConsumer,
-    tps: list[TopicPartition],
+    reader: PartitionReader,
+    config: Config,
     offsets: dict[int, int] | None,
     at: datetime | None,
-    *,
-    default: dict[TopicPartition, int] | None,
-) -> dict[TopicPartition, int]:
-    """Offsets per partition from P:O pairs, a timestamp, or the default (log start)."""
+    default: dict[int, int],
+) -> dict[int, int]:
+    """Offsets per partition from P:O pairs, a timestamp, or the default."""
     if offsets is not None:
-        unknown = set(offsets) - {tp.partition for tp in tps}
+        unknown = set(offsets) - set(default)
         if unknown:
-            raise ConfigError(f"replay: no partition {sorted(unknown)} in {tps[0].topic}")
-        base = default or {tp: int(o) for tp, o in (await reader.beginning_offsets(tps)).items()}
-        return {tp: offsets.get(tp.partition, base[tp]) for tp in tps}
+            raise ConfigError(f"replay: no partition {sorted(unknown)} in {config.topics.atoms}")
+        return {p: offsets.get(p, default[p]) for p in default}
     if at is not None:
-        found = await reader.offsets_for_times({tp: int(at.timestamp() * 1000) for tp in tps})
-        ends = await reader.end_offsets(tps)
-        return {tp: int(found[tp].offset) if found.get(tp) else int(ends[tp]) for tp in tps}
-    if default is not None:
-        return dict(default)
-    return {tp: int(o) for tp, o in (await reader.beginning_offsets(tps)).items()}
-
-
-async def _read(
-    reader: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
-) -> list[SourceRecord]:
-    reader.assign([tp])
-    reader.seek(tp, start)
-    records: list[SourceRecord] = []
-    while await reader.position(tp) < end:
-        for message in (await reader.getmany(tp, timeout_ms=1000)).get(tp, []):
-            if message.offset < end:
-                records.append(to_source_record(message))
-    return records
+        topic, partitions = config.topics.atoms, list(default)
+        found = await reader.offsets_for_time(topic, partitions, int(at.timestamp() * 1000))
+        ends = await reader.end_offsets(topic, partitions)
+        resolved = {}
+        for partition in partitions:
+            offset = found.get(partition)
+            resolved[partition] = ends[partition] if offset is None else offset
+        return resolved
+    return dict(default)
 
 
 async def _keys(
-    reader: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, config: Config
+    reader: PartitionReader, config: Config, partition: int, start: int, end: int
 ) -> set[str]:
     """Atom ids with an event in [start, end): they have versions newer than the range."""
     return {
         atom_id
-        for record in await _read(reader, tp, start, end)
+        async for chunk in reader.chunks(config.topics.atoms, partition, start, end)
+        for record in chunk
         if (atom_id := _atom_id(record, config)) is not None
     }
 

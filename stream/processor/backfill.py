@@ -16,17 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.atoms import InvalidAtom, decode_atom
 from schemas.control import BackfillProgress, HandoffRecorded
 from schemas.routing import MigrationState
 from stream.config import Config
-from stream.core.deadletter import SourceRecord
+from stream.core.records import SourceRecord
 from stream.core.routing import Migration, RoutingState
-from stream.kafka.clients import make_consumer
+from stream.kafka.consumer import GroupConsumer
+from stream.kafka.reader import PartitionReader
 from stream.processor.control import ControlPlane
-from stream.processor.window import WindowProcessor, to_source_record
+from stream.processor.sensors import ProcessorStats
+from stream.processor.window import WindowProcessor
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,34 @@ class _Partition:
 class MigrationWorker:
     """Handoffs, the live-key skip set, and backfill batches for the partitions owned here."""
 
-    def __init__(self, config: Config, control: ControlPlane, *, backfill: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        control: ControlPlane,
+        stats: ProcessorStats,
+        *,
+        backfill: bool = True,
+        reader: PartitionReader | None = None,
+    ) -> None:
         self._config = config
         self._control = control
+        self._stats = stats
         self._backfill_enabled = backfill
-        # Range reads: a long-poll at the log end would only delay the next seek.
-        self._reader: AIOKafkaConsumer = make_consumer(
-            config.kafka, group_id=None, fetch_max_wait_ms=10
-        )
+        self._reader = reader or PartitionReader(config.kafka)
         self._key: tuple[str, int] | None = None
         self._partitions: dict[int, _Partition] = {}
         self._chasing: dict[int, _Partition] = {}
-        self.backfilled_events = 0
         self.has_pending_backfill = False
         self._bytes_per_sec = 20_000.0
         self._live_waiting: Callable[[], bool] = lambda: False
 
     async def __aenter__(self) -> MigrationWorker:
-        await self._reader.start()
+        await self._reader.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await self._reader.stop()
+            await self._reader.__aexit__(*exc_info)
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Partitions revoked: their next owner rebuilds what it needs from the log."""
@@ -80,15 +86,14 @@ class MigrationWorker:
     async def before_window(
         self,
         state: RoutingState,
-        consumer: AIOKafkaConsumer,
+        consumer: GroupConsumer,
         records: Sequence[SourceRecord],
     ) -> RoutingState:
         """Record handoffs for owned partitions that dual-write without one; return the state."""
         migration = state.active
         if migration is None or not migration.dual_writing:
             return state
-        topic = self._config.topics.atoms
-        assigned = sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
+        assigned = consumer.assignment()
         missing = [p for p in assigned if p not in migration.handoffs]
         if not missing:
             return state
@@ -97,16 +102,15 @@ class MigrationWorker:
             first_in_window[record.partition] = min(
                 first_in_window.get(record.partition, record.offset), record.offset
             )
-        tps = [TopicPartition(topic, p) for p in missing]
-        starts = await consumer.beginning_offsets(tps)
-        partitions = len(consumer.partitions_for_topic(topic) or assigned)
+        starts = await consumer.beginning_offsets(missing)
+        partitions = consumer.partition_count() or len(assigned)
         last = -1
-        for tp in tps:
-            offset = first_in_window.get(tp.partition)
+        for partition in missing:
+            offset = first_in_window.get(partition)
             if offset is None:
-                offset = await consumer.position(tp)
+                offset = await consumer.position(partition)
             last = await self._record_handoff(
-                migration, tp.partition, offset, int(starts[tp]), partitions
+                migration, partition, offset, starts[partition], partitions
             )
         return await self._control.wait_applied(last)
 
@@ -141,7 +145,7 @@ class MigrationWorker:
     async def step(
         self,
         state: RoutingState,
-        consumer: AIOKafkaConsumer,
+        consumer: GroupConsumer,
         processor: WindowProcessor,
         live_waiting: Callable[[], bool] = lambda: False,
     ) -> bool:
@@ -155,39 +159,36 @@ class MigrationWorker:
             self.has_pending_backfill = False
             return False
         self._reset_if_new(migration)
-        topic = self._config.topics.atoms
-        pending: list[TopicPartition] = []
-        for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
-            if tp.topic != topic:
-                continue
-            if tp.partition not in migration.handoffs:
+        pending: list[int] = []
+        for partition in consumer.assignment():
+            if partition not in migration.handoffs:
                 if not migration.backfill.dual_write:
-                    pending.append(tp)  # chasing the live head
+                    pending.append(partition)  # chasing the live head
                 continue
-            if migration.backfilled.get(tp.partition, 0) >= migration.handoffs[tp.partition]:
+            if migration.backfilled.get(partition, 0) >= migration.handoffs[partition]:
                 continue
-            entry = await self._entry(migration, tp, consumer)
+            entry = await self._entry(migration, partition, consumer)
             if entry.next_offset < entry.handoff:
-                pending.append(tp)
+                pending.append(partition)
         self.has_pending_backfill = bool(pending)
         if not pending:
             return False
         deadline = time.monotonic() + self._config.batching.backfill_slice_ms / 1000
         self._live_waiting = live_waiting
-        for tp in pending[: migration.backfill.max_concurrent]:
+        for partition in pending[: migration.backfill.max_concurrent]:
             if time.monotonic() >= deadline or live_waiting():
                 break
-            if tp.partition in migration.handoffs:
-                await self._batch(migration, tp.partition, processor, deadline)
+            if partition in migration.handoffs:
+                await self._batch(migration, partition, processor, deadline)
             else:
-                await self._chase(migration, tp, consumer, processor, deadline)
+                await self._chase(migration, partition, consumer, processor, deadline)
         return True
 
     async def _chase(
         self,
         migration: Migration,
-        tp: TopicPartition,
-        consumer: AIOKafkaConsumer,
+        partition: int,
+        consumer: GroupConsumer,
         processor: WindowProcessor,
         deadline: float,
     ) -> None:
@@ -196,33 +197,33 @@ class MigrationWorker:
         The live path of this partition runs in this same task, so the head does not move
         between the check and the handoff: no atom falls between backfill and live writes.
         """
-        chase = self._chasing.get(tp.partition)
+        chase = self._chasing.get(partition)
         if chase is None:
-            log_start = int((await consumer.beginning_offsets([tp]))[tp])
-            start = max(migration.backfilled.get(tp.partition, 0), log_start)
+            log_start = (await consumer.beginning_offsets([partition]))[partition]
+            start = max(migration.backfilled.get(partition, 0), log_start)
             chase = _Partition(
                 handoff=-1,
                 next_offset=start,
                 live_keys=set(),
                 log_start=log_start,
             )
-            self._chasing[tp.partition] = chase
-        head = await consumer.position(tp)
+            self._chasing[partition] = chase
+        head = await consumer.position(partition)
         if chase.next_offset >= head:
-            await self._checkpoint(migration, tp.partition, chase, head, force=True)
-            partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+            await self._checkpoint(migration, partition, chase, head, force=True)
+            partitions = consumer.partition_count() or 0
             last = await self._record_handoff(
-                migration, tp.partition, head, chase.log_start, partitions
+                migration, partition, head, chase.log_start, partitions
             )
-            self._chasing.pop(tp.partition)
+            self._chasing.pop(partition)
             await self._control.wait_applied(last)
             return
         end = min(chase.next_offset + migration.backfill.batch_size, head)
-        records = await self._read(tp.partition, chase.next_offset, end)
+        records = await self._read(partition, chase.next_offset, end)
         reached = await self._emit(migration, records, end, set(), processor, deadline)
-        self.backfilled_events += reached - chase.next_offset
+        self._stats.backfilled_events += reached - chase.next_offset
         chase.next_offset = reached
-        await self._checkpoint(migration, tp.partition, chase, reached)
+        await self._checkpoint(migration, partition, chase, reached)
 
     async def _checkpoint(
         self,
@@ -248,24 +249,22 @@ class MigrationWorker:
         entry.checkpointed_at = now
 
     async def _entry(
-        self, migration: Migration, tp: TopicPartition, consumer: AIOKafkaConsumer
+        self, migration: Migration, partition: int, consumer: GroupConsumer
     ) -> _Partition:
-        entry = self._partitions.get(tp.partition)
+        entry = self._partitions.get(partition)
         if entry is None:
-            handoff = migration.handoffs[tp.partition]
-            start = max(
-                migration.backfilled.get(tp.partition, 0), migration.log_starts[tp.partition]
-            )
-            position = await consumer.position(tp)
+            handoff = migration.handoffs[partition]
+            start = max(migration.backfilled.get(partition, 0), migration.log_starts[partition])
+            position = await consumer.position(partition)
             # Keys written live since the handoff by earlier owners: the tail [handoff, position).
-            tail = await self._read(tp.partition, handoff, position)
+            tail = await self._read(partition, handoff, position)
             keys = {
                 atom_id
                 for record in tail
                 if (atom_id := _atom_id(record, self._config.limits.max_event_bytes)) is not None
             }
             entry = _Partition(handoff=handoff, next_offset=start, live_keys=keys)
-            self._partitions[tp.partition] = entry
+            self._partitions[partition] = entry
         return entry
 
     async def _batch(
@@ -275,7 +274,7 @@ class MigrationWorker:
         end = min(entry.next_offset + migration.backfill.batch_size, entry.handoff)
         records = await self._read(partition, entry.next_offset, end)
         reached = await self._emit(migration, records, end, entry.live_keys, processor, deadline)
-        self.backfilled_events += reached - entry.next_offset
+        self._stats.backfilled_events += reached - entry.next_offset
         entry.next_offset = reached
         await self._checkpoint(migration, partition, entry, reached, force=reached >= entry.handoff)
 
@@ -318,18 +317,7 @@ class MigrationWorker:
 
     async def _read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
         """Records of one atoms partition in [start, end)."""
-        if start >= end:
-            return []
-        tp = TopicPartition(self._config.topics.atoms, partition)
-        self._reader.assign([tp])
-        self._reader.seek(tp, start)
-        records: list[SourceRecord] = []
-        while await self._reader.position(tp) < end:
-            fetched = await self._reader.getmany(tp, timeout_ms=1000)
-            for message in fetched.get(tp, []):
-                if message.offset < end:
-                    records.append(to_source_record(message))
-        return records
+        return await self._reader.read(self._config.topics.atoms, partition, start, end)
 
     def _reset_if_new(self, migration: Migration) -> None:
         key = (migration.migration_id, migration.epoch)

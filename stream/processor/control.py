@@ -11,13 +11,12 @@ from datetime import UTC, datetime
 
 import anyio
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.control import ControlEvent, WindowClosed
 from schemas.routing import MigrationState, RoutingStatus
 from stream.config import Config
 from stream.core.routing import RoutingState, apply, initial_state, reject_malformed
-from stream.kafka.clients import kafka_errors, make_consumer, make_producer
+from stream.kafka.control_log import ControlLog
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +33,12 @@ def record_time(timestamp_ms: int) -> datetime:
 class ControlPlane:
     """The routing state, kept current from the control topic."""
 
-    def __init__(self, config: Config, *, publish_status: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, publish_status: bool = False, log: ControlLog | None = None
+    ) -> None:
         self._config = config
         self._publish = publish_status
-        self._tp = TopicPartition(config.topics.control, 0)
-        self._consumer: AIOKafkaConsumer = make_consumer(config.kafka, group_id=None)
-        # End offsets come from a client of their own: on the tailing consumer's connection a
-        # ListOffsets request waits behind the fetch long-poll (fetch_max_wait_ms).
-        self._offsets: AIOKafkaConsumer = make_consumer(config.kafka, group_id=None)
-        self._producer: AIOKafkaProducer = make_producer(config.kafka, linger_ms=0)
+        self._log = log or ControlLog(config.kafka, config.topics.control)
         self.state: RoutingState = initial_state(config.routing.stable_model, set(config.models))
         self._next_offset = 0
         self._changed = anyio.Event()
@@ -50,23 +46,16 @@ class ControlPlane:
         self.replayed = anyio.Event()
 
     async def __aenter__(self) -> ControlPlane:
-        async with kafka_errors("control plane", self._config.kafka.bootstrap_servers):
-            await self._consumer.start()
-            await self._offsets.start()
-            await self._producer.start()
-        self._consumer.assign([self._tp])
-        await self._consumer.seek_to_beginning(self._tp)
+        await self._log.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await self._consumer.stop()
-            await self._offsets.stop()
-            await self._producer.stop()
+            await self._log.__aexit__(*exc_info)
 
     async def replay(self) -> RoutingState:
         """Apply the log up to its end offset taken now (an empty fetch is not the end)."""
-        end = await self._end_offset()
+        end = await self._log.end_offset()
         while self._next_offset < end:
             await self._fetch_and_apply(timeout_ms=1000)
         self.replayed.set()
@@ -82,18 +71,14 @@ class ControlPlane:
 
     async def sync(self) -> RoutingState:
         """The state after every control record appended before this call was applied."""
-        end = await self._end_offset()
+        end = await self._log.end_offset()
         while self._next_offset < end:
             await self._changed.wait()
         return self.state
 
     async def append(self, event: ControlEvent) -> int:
         """Write an event to the control log; returns its offset once acknowledged."""
-        async with kafka_errors("control append", self._config.kafka.bootstrap_servers):
-            metadata = await (
-                await self._producer.send(self._tp.topic, _encoder.encode(event), ROUTING_KEY)
-            )
-        return int(metadata.offset)
+        return await self._log.append(ROUTING_KEY, _encoder.encode(event))
 
     async def wait_applied(self, offset: int) -> RoutingState:
         """The state right after the record at `offset` was applied (while tailing)."""
@@ -101,16 +86,10 @@ class ControlPlane:
             await self._changed.wait()
         return self.state
 
-    async def _end_offset(self) -> int:
-        async with kafka_errors("control plane", self._config.kafka.bootstrap_servers):
-            ends = await self._offsets.end_offsets([self._tp])
-        return int(ends[self._tp])
-
     async def _fetch_and_apply(self, *, timeout_ms: int) -> None:
-        fetched = await self._consumer.getmany(self._tp, timeout_ms=timeout_ms, max_records=500)
-        messages = fetched.get(self._tp, [])
+        messages = await self._log.fetch(timeout_ms=timeout_ms)
         for message in messages:
-            at = record_time(message.timestamp)
+            at = record_time(message.timestamp_ms or 0)
             try:
                 event = _decoder.decode(message.value or b"")
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -120,14 +99,15 @@ class ControlPlane:
             self._next_offset = message.offset + 1
         if messages:
             rejection = self.state.last_rejection
-            if rejection is not None and rejection.at == record_time(messages[-1].timestamp):
+            last_at = record_time(messages[-1].timestamp_ms or 0)
+            if rejection is not None and rejection.at == last_at:
                 log.info("control: rejected %s: %s", rejection.command, rejection.reason)
             changed, self._changed = self._changed, anyio.Event()
             changed.set()
             if self.replayed.is_set():
                 await self._publish_status()
         else:
-            position = await self._consumer.position(self._tp)
+            position = await self._log.position()
             if position > self._next_offset:  # transaction markers or compacted gaps
                 self._next_offset = position
                 changed, self._changed = self._changed, anyio.Event()
@@ -141,7 +121,7 @@ class ControlPlane:
         if comparable == self._published:
             return
         self._published = comparable
-        await self._producer.send(self._config.topics.routing, _encoder.encode(status), ROUTING_KEY)
+        await self._log.publish(self._config.topics.routing, ROUTING_KEY, _encoder.encode(status))
         log.info(
             "routing: phase=%s query=%s write=%s state=%s progress=%s",
             status.phase,

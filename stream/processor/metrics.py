@@ -1,7 +1,8 @@
 """Prometheus metrics, /healthz and /readyz, served over HTTP from the event loop.
 
-Counters are read at scrape time from `LiveStats` and the routing state (one source of
-truth, nothing counted twice); histograms are observed as batches and windows finish.
+Counters are read at scrape time from the processor's context: `ProcessorStats` and the
+routing state (one source of truth, nothing counted twice). Histograms are observed as
+batches and windows finish: `Metrics` is a `Sensor`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import anyio
@@ -20,8 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from schemas.routing import RoutingPhase
-from stream.core.routing import RoutingState
-from stream.processor.window import LiveStats
+from stream.processor.context import ProcessorContext
+from stream.processor.sensors import Sensor
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +29,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-@dataclass
-class Health:
-    """What readiness means: models loaded, control log replayed, partitions assigned."""
-
-    models_loaded: bool = False
-    control_replayed: bool = False
-    assigned: bool = False
-    stopping: bool = False
-
-    @property
-    def ready(self) -> bool:
-        """Ready to take traffic (and to count in a rollout)."""
-        return self.models_loaded and self.control_replayed and self.assigned and not self.stopping
-
-
-@dataclass
-class Sources:
-    """Where the collector reads from at scrape time."""
-
-    stats: LiveStats
-    health: Health
-    routing: Callable[[], RoutingState | None] = lambda: None
-    lag: Callable[[], Mapping[tuple[str, int], int]] = dict
-    backfilled: Callable[[], int] = lambda: 0
-    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
-
-
 class ProcessorCollector(Collector):
     """Counters and gauges computed from the processor's state when Prometheus scrapes."""
 
-    def __init__(self, sources: Sources) -> None:
-        self._sources = sources
+    def __init__(
+        self, context: ProcessorContext, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._context = context
+        self._now = now
 
     def collect(self) -> Iterator[Metric]:
         """Yield every metric family (prometheus_client calls this per scrape)."""
-        stats = self._sources.stats
+        stats = self._context.stats
         atoms = CounterMetricFamily("lattice_atoms_in", "Atom events read", labels=["path"])
         for path in ("live", "backfill"):
             atoms.add_metric([path], stats.atoms_in[path])
@@ -82,21 +58,21 @@ class ProcessorCollector(Collector):
         yield dead
         yield _by("lattice_truncated", "Texts cut to the model window", "model", stats.truncated)
         yield CounterMetricFamily(
-            "lattice_backfill_events", "Backfill events replayed", value=self._sources.backfilled()
+            "lattice_backfill_events", "Backfill events replayed", value=stats.backfilled_events
         )
         lag = GaugeMetricFamily(
             "lattice_consumer_lag", "Atoms not yet processed", labels=["topic", "partition"]
         )
-        for (topic, partition), value in sorted(self._sources.lag().items()):
+        for (topic, partition), value in sorted(self._context.lag().items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
         yield GaugeMetricFamily(
-            "lattice_ready", "1 when ready", value=1.0 if self._sources.health.ready else 0.0
+            "lattice_ready", "1 when ready", value=1.0 if self._context.health.ready else 0.0
         )
         yield from self._routing()
 
     def _routing(self) -> Iterator[Metric]:
-        state = self._sources.routing()
+        state = self._context.routing()
         if state is None:
             return
         config = state.routing_config()
@@ -118,7 +94,7 @@ class ProcessorCollector(Collector):
                 ratio = 1.0 if progress.total == 0 else progress.processed / progress.total
             if migration.window_ends_at is not None and not migration.window_closed:
                 remaining = max(
-                    0.0, (migration.window_ends_at - self._sources.now()).total_seconds()
+                    0.0, (migration.window_ends_at - self._now()).total_seconds()
                 )
         yield GaugeMetricFamily(
             "lattice_migration_progress_ratio", "Backfill progress (NaN: unknown)", value=ratio
@@ -137,13 +113,13 @@ def _by(name: str, documentation: str, label: str, counts: Mapping[str, int]) ->
     return family
 
 
-class Metrics:
+class Metrics(Sensor):
     """A registry for one processor, with its histograms and its HTTP endpoints."""
 
-    def __init__(self, sources: Sources) -> None:
-        self.sources = sources
+    def __init__(self, context: ProcessorContext) -> None:
+        self._context = context
         self.registry = CollectorRegistry()
-        self.registry.register(ProcessorCollector(sources))
+        self.registry.register(ProcessorCollector(context))
         self._batch_atoms = Histogram(
             "lattice_batch_atoms",
             "Atoms per model call",
@@ -164,12 +140,15 @@ class Metrics:
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
-        sources.stats.on_batch = self._observe_batch
-        sources.stats.on_window = self._window_seconds.observe
 
-    def _observe_batch(self, model: str, atoms: int, seconds: float) -> None:
+    def on_batch(self, model: str, atoms: int, seconds: float) -> None:
+        """Observe one model call."""
         self._batch_atoms.labels(model).observe(atoms)
         self._embed_seconds.labels(model).observe(seconds)
+
+    def on_window(self, seconds: float) -> None:
+        """Observe one live window."""
+        self._window_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
@@ -201,7 +180,7 @@ class Metrics:
             elif path == b"/healthz":
                 status, body, kind = 200, b"ok\n", b"text/plain"
             elif path == b"/readyz":
-                health = self.sources.health
+                health = self._context.health
                 status = 200 if health.ready else 503
                 body = (
                     f"models_loaded={health.models_loaded} "

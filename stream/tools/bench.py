@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,16 +22,19 @@ from typing import Any
 import anyio
 import msgspec
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.control import BackfillConfig, StartMigration
 from stream.config import Config, with_run_topics
+from stream.core.records import OutRecord
 from stream.embed.embedder import Embedder
 from stream.embed.pool import ModelPool
 from stream.kafka.admin import Admin, TopicSpec
-from stream.kafka.clients import connection_options
+from stream.kafka.producer import OutputProducer
+from stream.kafka.reader import PartitionReader
 from stream.ops.operator import send_command
-from stream.processor.app import prepare_topics, run_processor
+from stream.processor.app import run_processor
+from stream.processor.sensors import Sensor
+from stream.processor.topics import prepare_topics
 from stream.tools.benchreport import Rate, WorkloadResult, median, write_report
 from stream.tools.workloads import LazyTexts, workload_texts
 
@@ -75,9 +78,8 @@ def embedder_rate(embedder: Embedder, texts: Sequence[str]) -> Rate:
 async def _produce(
     config: Config, texts: Sequence[str], *, rate: float | None = None, prefix: str = "b"
 ) -> None:
-    producer = AIOKafkaProducer(**connection_options(config.kafka), linger_ms=5)
-    await producer.start()
-    try:
+    # The input side is a plain producer, as a client application would run it.
+    async with OutputProducer(config.kafka, idempotent=False) as producer:
         began = time.monotonic()
         for i, text in enumerate(texts):
             if rate is not None and (due := began + i / rate) > time.monotonic():
@@ -85,10 +87,31 @@ async def _produce(
                 await anyio.sleep(max(0.0, due - time.monotonic()))  # offered load pacing
             atom_id = f"{prefix}-{i}"
             value = msgspec.json.encode({"type": "atom.created", "atom_id": atom_id, "text": text})
-            await producer.send(config.topics.atoms, value, atom_id.encode())
+            await producer.send(config.topics.atoms, OutRecord(atom_id.encode(), value, []))
         await producer.flush()
-    finally:
-        await producer.stop()
+
+
+class CommitWatch(Sensor):
+    """Waits on a one-partition processor: its assignment, and commits up to `goal`."""
+
+    def __init__(self, goal: int) -> None:
+        self.goal = goal
+        self.committed = 0
+        self.done = anyio.Event()
+        self.assigned = anyio.Event()
+        self.assigned_at = time.perf_counter()
+
+    def on_commit(self, offsets: Mapping[int, int]) -> None:
+        """Track the highest committed offset."""
+        self.committed = max(self.committed, max(offsets.values()))
+        if self.committed >= self.goal:
+            self.done.set()
+
+    def on_assigned(self, partitions: Sequence[int]) -> None:
+        """Throughput counts from the moment the processor owns the partitions: start-up
+        (topic checks, control replay, group join) is not part of it."""
+        self.assigned_at = time.perf_counter()
+        self.assigned.set()
 
 
 def _fresh(config: Config, tag: str) -> Config:
@@ -121,43 +144,21 @@ async def end_to_end(
         await send_command(config, command)
     if rate is None:
         await _produce(config, texts)
-    committed = 0
-    done = anyio.Event()
-    first_commit: list[float] = []
-
-    def on_commit(offsets: Any) -> None:
-        nonlocal committed
-        committed = max(committed, max(offsets.values()))
-        first_commit.append(time.perf_counter())
-        if committed >= len(texts):
-            done.set()
-
+    watch = CommitWatch(len(texts))
     stop = anyio.Event()
-    began = [time.perf_counter()]
-    assigned = anyio.Event()
-
-    def on_assigned() -> None:
-        # Throughput counts from the moment the processor owns the partitions: start-up
-        # (topic checks, control replay, group join) is not part of it.
-        began[0] = time.perf_counter()
-        assigned.set()
 
     async def produce_at_rate() -> None:
         # Offered load starts once the processor owns the partitions, so a slow group join
         # (Kafka's initial rebalance delay, Tansu's session_timeout/2) is not counted as latency.
-        await assigned.wait()
+        await watch.assigned.wait()
         await _produce(config, texts, rate=rate)
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(
-            lambda: run_processor(
-                config, stop=stop, models=pool, on_commit=on_commit, on_assigned=on_assigned
-            )
-        )
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
         if rate is not None:
             tasks.start_soon(produce_at_rate)
-        await done.wait()
-        elapsed = time.perf_counter() - began[0]
+        await watch.done.wait()
+        elapsed = time.perf_counter() - watch.assigned_at
         stop.set()
     latencies = await _latencies(config, len(texts)) if rate is not None else []
     return Rate(len(texts), elapsed), latencies
@@ -167,23 +168,15 @@ async def _latencies(config: Config, count: int, prefix: bytes = b"") -> list[fl
     """Per atom: output record time minus input record time, in milliseconds."""
 
     async def times(topic: str) -> dict[bytes, int]:
-        consumer = AIOKafkaConsumer(
-            topic,
-            **connection_options(config.kafka),
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        )
-        await consumer.start()
         found: dict[bytes, int] = {}
-        try:
+        async with PartitionReader(config.kafka) as reader:
             with anyio.move_on_after(60):
-                while len(found) < count:
-                    for messages in (await consumer.getmany(timeout_ms=500)).values():
-                        for message in messages:
-                            if message.key.startswith(prefix):
-                                found.setdefault(message.key, message.timestamp)
-        finally:
-            await consumer.stop()
+                async for records in reader.follow(topic):
+                    for record in records:
+                        if record.key and record.key.startswith(prefix) and record.timestamp_ms:
+                            found.setdefault(record.key, record.timestamp_ms)
+                    if len(found) >= count:
+                        break
         return found
 
     produced = await times(config.topics.atoms)
@@ -204,20 +197,12 @@ async def backfill_latency(
     await _produce(config, workload_texts("mixed", history), prefix="h")
     await pool.get(target)
     count = max(4, int(rate * secs))
-    committed = 0
-    backlog_done = anyio.Event()
-
-    def on_commit(offsets: Any) -> None:
-        nonlocal committed
-        committed = max(committed, max(offsets.values()))
-        if committed >= history:
-            backlog_done.set()
-
+    watch = CommitWatch(history)
     stop = anyio.Event()
     result: dict[str, float] = {}
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, on_commit=on_commit))
-        await backlog_done.wait()
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
+        await watch.done.wait()
         await _produce(config, workload_texts("mixed", count, seed=9), rate=rate, prefix="idle")
         command = StartMigration(
             migration_id="bench",
@@ -269,11 +254,7 @@ async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> d
     await _produce(config, LazyTexts(atoms))
     baseline = _rss_bytes()
     peak = baseline
-    done = anyio.Event()
-
-    def on_commit(offsets: Any) -> None:
-        if max(offsets.values()) >= atoms:
-            done.set()
+    watch = CommitWatch(atoms)
 
     async def sample() -> None:
         nonlocal peak
@@ -285,8 +266,8 @@ async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> d
     began = time.perf_counter()
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(sample)
-        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, on_commit=on_commit))
-        await done.wait()
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
+        await watch.done.wait()
         stop.set()
         elapsed = time.perf_counter() - began
         await anyio.sleep(0.2)  # let the processor drain before the sampler stops

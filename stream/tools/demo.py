@@ -10,13 +10,14 @@ import uuid
 import anyio
 import msgspec
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.embeddings import ENCODING_HEADER, decode_embedding
 from stream.config import Config, with_run_topics
+from stream.core.records import OutRecord
 from stream.embed.pool import ModelPool
 from stream.kafka.admin import Admin, TopicSpec
-from stream.kafka.clients import connection_options
+from stream.kafka.producer import OutputProducer
+from stream.kafka.reader import PartitionReader
 from stream.ops.progress import progress_line
 from stream.processor.app import run_processor
 from stream.tools.corpus import sample_texts
@@ -80,44 +81,34 @@ async def _demo(config: Config, count: int) -> None:
 
 
 async def _produce_atoms(config: Config, texts: list[str]) -> None:
-    producer = AIOKafkaProducer(**connection_options(config.kafka), linger_ms=10)
-    await producer.start()
-    try:
+    async with OutputProducer(config.kafka, linger_ms=10) as producer:
         for i, text in enumerate(texts):
             atom_id = f"doc-{i}"
             event = {"type": "atom.created", "atom_id": atom_id, "text": text}
-            await producer.send(config.topics.atoms, msgspec.json.encode(event), atom_id.encode())
+            record = OutRecord(atom_id.encode(), msgspec.json.encode(event), [])
+            await producer.send(config.topics.atoms, record)
         await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def _watch_outputs(
     config: Config, topic: str, total: int, vectors: dict[str, np.ndarray]
 ) -> None:
     """Read the output topic as it fills and draw a progress bar until every atom is there."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        **connection_options(config.kafka),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        metadata_max_age_ms=1000,
-    )
     started = time.monotonic()
-    await consumer.start()
-    try:
-        while len(vectors) < total:
-            for messages in (await consumer.getmany(timeout_ms=500)).values():
-                for message in messages:
-                    encoding = dict(message.headers).get(ENCODING_HEADER, b"json").decode()
-                    record = decode_embedding(message.value, encoding)
-                    vectors[record.atom_id] = np.asarray(record.vector, dtype=np.float32)
+    async with PartitionReader(config.kafka) as reader:
+        async for records in reader.follow(topic):
+            for message in records:
+                if message.value is None:
+                    continue
+                encoding = dict(message.headers).get(ENCODING_HEADER, b"json").decode()
+                record = decode_embedding(message.value, encoding)
+                vectors[record.atom_id] = np.asarray(record.vector, dtype=np.float32)
             line = progress_line(len(vectors), total, time.monotonic() - started)
             sys.stderr.write(f"\r{line}")
             sys.stderr.flush()
-        sys.stderr.write("\n")
-    finally:
-        await consumer.stop()
+            if len(vectors) >= total:
+                break
+    sys.stderr.write("\n")
 
 
 def _print(message: str) -> None:

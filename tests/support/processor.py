@@ -11,20 +11,20 @@ from stream.config import Config
 from stream.core.routing import RoutingState
 from stream.processor.app import run_processor
 from stream.processor.control import ControlPlane
-from stream.processor.window import LiveStats
+from stream.processor.sensors import ProcessorStats, Sensor
 
 
-class Running:
+class Running(Sensor):
     """A processor running in the test's event loop: its stats and committed offsets."""
 
     def __init__(self) -> None:
-        self.stats = LiveStats()
+        self.stats = ProcessorStats()
         self.committed: dict[int, int] = {}
         self.metrics_port: int | None = None
         self.listening = anyio.Event()  # set once the metrics endpoint is bound
         self._changed = anyio.Event()
 
-    def on_metrics(self, port: int | None) -> None:
+    def on_listening(self, port: int | None) -> None:
         self.metrics_port = port
         self.listening.set()
 
@@ -52,8 +52,7 @@ async def processor(config: Config, *, role: str = "all") -> AsyncIterator[Runni
                 config,
                 stop=stop,
                 role=role,
-                on_commit=running.on_commit,
-                on_metrics=running.on_metrics,
+                sensor=running,
             )
             running.stats.__dict__.update(result.__dict__)
 

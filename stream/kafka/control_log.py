@@ -1,0 +1,68 @@
+"""The control topic's one partition: read from the start, tail, append; publish statuses."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from stream.config import KafkaConfig
+from stream.core.records import SourceRecord
+from stream.kafka.clients import make_consumer, make_producer
+from stream.kafka.errors import kafka_errors
+from stream.kafka.records import to_source_record
+
+
+class ControlLog:
+    """A reader of the control partition from offset 0, and a producer for it."""
+
+    def __init__(self, kafka: KafkaConfig, topic: str) -> None:
+        self._kafka = kafka
+        self._tp = TopicPartition(topic, 0)
+        self._consumer: AIOKafkaConsumer = make_consumer(kafka, group_id=None)
+        # End offsets come from a client of their own: on the tailing consumer's connection a
+        # ListOffsets request waits behind the fetch long-poll (fetch_max_wait_ms).
+        self._offsets: AIOKafkaConsumer = make_consumer(kafka, group_id=None)
+        self._producer: AIOKafkaProducer = make_producer(kafka, linger_ms=0)
+
+    async def __aenter__(self) -> ControlLog:
+        async with kafka_errors("control plane", self._kafka.bootstrap_servers):
+            await self._consumer.start()
+            await self._offsets.start()
+            await self._producer.start()
+            self._consumer.assign([self._tp])
+            await self._consumer.seek_to_beginning(self._tp)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._consumer.stop()
+        await self._offsets.stop()
+        await self._producer.stop()
+
+    async def fetch(self, *, timeout_ms: int, max_records: int = 500) -> list[SourceRecord]:
+        """The next control records in offset order (empty after `timeout_ms`)."""
+        async with kafka_errors("control plane", self._kafka.bootstrap_servers):
+            fetched = await self._consumer.getmany(
+                self._tp, timeout_ms=timeout_ms, max_records=max_records
+            )
+        return [to_source_record(m) for m in fetched.get(self._tp, [])]
+
+    async def position(self) -> int:
+        """The offset of the next control record to fetch (past markers and gaps)."""
+        async with kafka_errors("control plane", self._kafka.bootstrap_servers):
+            return int(await self._consumer.position(self._tp))
+
+    async def end_offset(self) -> int:
+        """The control log's end offset now."""
+        async with kafka_errors("control plane", self._kafka.bootstrap_servers):
+            ends = await self._offsets.end_offsets([self._tp])
+        return int(ends[self._tp])
+
+    async def append(self, key: bytes, value: bytes) -> int:
+        """Write one record; returns its offset once acknowledged."""
+        async with kafka_errors("control append", self._kafka.bootstrap_servers):
+            metadata = await (await self._producer.send(self._tp.topic, value, key))
+        return int(metadata.offset)
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Send a record to another topic (the routing status) without waiting for its ack."""
+        async with kafka_errors("routing status", self._kafka.bootstrap_servers):
+            await self._producer.send(topic, value, key)

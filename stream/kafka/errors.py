@@ -1,0 +1,91 @@
+"""aiokafka's errors, classified in one place into the project's `LatticeError`s.
+
+Nothing outside `stream/kafka/` imports `aiokafka.errors`: the boundary raises
+`BrokerUnavailable`, `NotAuthorized`, `RecordRejected`, `SendFailed`, `CommitFailed` or
+`FatalKafkaError`, each with a line that says what failed and where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiokafka import errors as kafka
+
+from stream.errors import (
+    BrokerUnavailable,
+    CommitFailed,
+    FatalKafkaError,
+    LatticeError,
+    NotAuthorized,
+    RecordRejected,
+    SendFailed,
+)
+
+# Errors that belong to one record: retrying cannot help, so the input becomes a dead letter.
+_RECORD_ERRORS = (
+    kafka.MessageSizeTooLargeError,
+    kafka.RecordTooLargeError,
+    kafka.RecordListTooLargeError,
+)
+_AUTHORIZATION_ERRORS = (
+    kafka.TopicAuthorizationFailedError,
+    kafka.GroupAuthorizationFailedError,
+    kafka.ClusterAuthorizationFailedError,
+    kafka.TransactionalIdAuthorizationFailed,
+)
+_FATAL_ERRORS = (kafka.ProducerFenced, kafka.UnsupportedVersionError)
+# A commit refused by a rebalance (IllegalStateError: the partition is no longer assigned).
+COMMIT_ERRORS = (
+    kafka.CommitFailedError,
+    kafka.IllegalGenerationError,
+    kafka.RebalanceInProgressError,
+    kafka.IllegalStateError,
+)
+
+
+def classify(exc: BaseException, what: str, bootstrap_servers: str) -> LatticeError:
+    """The `LatticeError` that stands for an aiokafka error raised while doing `what`."""
+    if isinstance(exc, LatticeError):
+        return exc
+    if isinstance(exc, _AUTHORIZATION_ERRORS):
+        return NotAuthorized(f"{what}: Kafka at {bootstrap_servers} refused access: {exc!r}")
+    if isinstance(exc, _RECORD_ERRORS):
+        return RecordRejected(f"{what}: the broker refused the record: {exc!r}")
+    if isinstance(exc, COMMIT_ERRORS):
+        return CommitFailed(f"{what}: the group rebalanced: {exc!r}")
+    if isinstance(exc, _FATAL_ERRORS):
+        return FatalKafkaError(f"{what}: {exc!r}")
+    if isinstance(exc, kafka.KafkaConnectionError):
+        return BrokerUnavailable(
+            f"{what}: cannot connect to Kafka at {bootstrap_servers} (unreachable, or its "
+            f"TLS/SASL settings refused ours): {exc}"
+        )
+    return BrokerUnavailable(f"{what}: Kafka error from {bootstrap_servers}: {exc!r}")
+
+
+def send_error(exc: BaseException, topic: str) -> LatticeError:
+    """A failed send to `topic`: `RecordRejected` for this record alone, else `SendFailed`."""
+    if isinstance(exc, LatticeError):
+        return exc
+    if isinstance(exc, _RECORD_ERRORS):
+        return RecordRejected(f"send to {topic}: the broker refused the record: {exc!r}")
+    if isinstance(exc, _AUTHORIZATION_ERRORS):
+        return NotAuthorized(f"send to {topic}: not authorized: {exc!r}")
+    if isinstance(exc, _FATAL_ERRORS):
+        return FatalKafkaError(f"send to {topic}: {exc!r}")
+    return SendFailed(f"send to {topic} failed: {exc!r}")
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from the Kafka client (so `classify` applies to it)."""
+    return isinstance(exc, kafka.KafkaError)
+
+
+@contextlib.asynccontextmanager
+async def kafka_errors(what: str, bootstrap_servers: str) -> AsyncIterator[None]:
+    """Re-raise aiokafka's errors inside the block as classified `LatticeError`s."""
+    try:
+        yield
+    except kafka.KafkaError as exc:
+        raise classify(exc, what, bootstrap_servers) from exc

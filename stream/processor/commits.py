@@ -1,0 +1,68 @@
+"""Offsets of the live path: commit after the acknowledgements, rewind for a retry, lag.
+
+Protocol steps for one window: (1) every output and dead letter of the window is
+acknowledged, (2) each partition's offset is committed as `last offset + 1`, (3) only then
+is it counted as processed (for lag and for "live atoms are waiting").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from stream.core.records import SourceRecord
+from stream.errors import CommitFailed
+from stream.kafka.consumer import GroupConsumer
+from stream.processor.sensors import Sensor
+
+log = logging.getLogger(__name__)
+
+
+class Offsets:
+    """What this instance has processed and committed, per owned partition."""
+
+    def __init__(self, consumer: GroupConsumer, sensor: Sensor) -> None:
+        self._consumer = consumer
+        self._sensor = sensor
+        self._processed: dict[int, int] = {}
+
+    async def commit(self, records: Sequence[SourceRecord]) -> None:
+        """Commit the window's offsets (`offset + 1` per partition); a commit refused by a
+        rebalance is logged and dropped, since the new owner redoes the window."""
+        offsets: dict[int, int] = {}
+        for record in records:
+            offsets[record.partition] = max(offsets.get(record.partition, 0), record.offset + 1)
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailed as exc:
+            log.warning("commit after a rebalance failed (the new owner redoes it): %s", exc)
+            return
+        self._processed.update(offsets)
+        self._sensor.on_commit(offsets)
+
+    def rewind(self, records: Sequence[SourceRecord]) -> None:
+        """Seek each partition back to the window's first record, to process it again."""
+        first: dict[int, int] = {}
+        for record in records:
+            first[record.partition] = min(first.get(record.partition, record.offset), record.offset)
+        for partition, offset in first.items():
+            self._consumer.seek(partition, offset)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions revoked: they are another instance's to count."""
+        for partition in partitions:
+            self._processed.pop(partition, None)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Atoms in the log past what this instance processed, per owned partition."""
+        lags = {}
+        for partition, processed in self._processed.items():
+            highwater = self._consumer.highwater(partition)
+            if highwater is not None:
+                lags[self._consumer.topic, partition] = max(0, highwater - processed)
+        return lags
+
+    def live_waiting(self) -> bool:
+        """Live atoms are in the log past what this instance has processed (no I/O: the
+        high-water marks come with the consumer's background fetches)."""
+        return any(lag > 0 for lag in self.lag().values())

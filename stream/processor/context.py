@@ -1,0 +1,127 @@
+"""The processor's context: every long-lived piece, built once at start-up.
+
+`open_processor` enters the pieces in start-up order on one `AsyncExitStack` (control log
+replayed, then the models the routing needs, then the clients of the live path) and closes
+them in reverse, each shielded and bounded, so a cancelled run still leaves the group
+cleanly. The context fills as start-up proceeds; /metrics and /readyz read it meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+
+from stream.config import Config
+from stream.core.routing import RoutingState
+from stream.embed.pool import ModelPool
+from stream.kafka.consumer import GroupConsumer
+from stream.kafka.producer import OutputProducer
+from stream.processor.backfill import MigrationWorker
+from stream.processor.control import ControlPlane
+from stream.processor.inference import Inference
+from stream.processor.live import LiveConsumer
+from stream.processor.sensors import ProcessorStats, Sensor, Sensors
+from stream.processor.window import WindowProcessor
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECS = 30
+T = TypeVar("T")
+
+
+class Health(Sensor):
+    """What readiness means: models loaded, control log replayed, partitions assigned."""
+
+    def __init__(self) -> None:
+        self.models_loaded = False
+        self.control_replayed = False
+        self.assigned = False
+        self.stopping = False
+
+    @property
+    def ready(self) -> bool:
+        """Ready to take traffic (and to count in a rollout)."""
+        return self.models_loaded and self.control_replayed and self.assigned and not self.stopping
+
+    def on_assigned(self, partitions: Sequence[int]) -> None:
+        """Partitions assigned: the instance takes part in the group."""
+        self.assigned = True
+
+
+@dataclass
+class ProcessorContext:
+    """One processor's pieces; `control` and `live` exist once start-up got that far.
+
+    `sensors` hear every event (metrics, the bench, tests); `health` always does.
+    """
+
+    config: Config
+    models: ModelPool
+    sensors: list[Sensor] = field(default_factory=list)
+    stats: ProcessorStats = field(default_factory=ProcessorStats)
+    health: Health = field(default_factory=Health)
+    control: ControlPlane | None = None
+    live: LiveConsumer | None = None
+
+    def routing(self) -> RoutingState | None:
+        """The routing state, once the control log is replayed."""
+        if self.control is None or not self.control.replayed.is_set():
+            return None
+        return self.control.state
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Atoms not yet processed per owned partition (empty before the live path runs)."""
+        return self.live.offsets.lag() if self.live is not None else {}
+
+
+@asynccontextmanager
+async def open_processor(
+    context: ProcessorContext, *, role: str
+) -> AsyncIterator[tuple[LiveConsumer, ControlPlane]]:
+    """Start every piece of `context` in order; yield the live path and the control plane."""
+    config = context.config
+    sensor = Sensors(context.health, *context.sensors)
+    async with AsyncExitStack() as stack:
+        control = await _enter(stack, ControlPlane(config, publish_status=True))
+        context.control = control
+        state = await control.replay()
+        context.health.control_replayed = True
+        log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        for model in _needed_models(state):
+            await context.models.get(model)
+        context.health.models_loaded = True
+        migration = await _enter(
+            stack, MigrationWorker(config, control, context.stats, backfill=role != "live")
+        )
+        producer = await _enter(stack, OutputProducer(config.kafka))
+        consumer = await _enter(
+            stack, GroupConsumer(config.kafka, config.topics.atoms, group_id=config.kafka.group_id)
+        )
+        inference = Inference(config.batching, context.stats, sensor)
+        processor = WindowProcessor(config, context.models, producer, inference, context.stats)
+        context.live = LiveConsumer(config, consumer, processor, control, migration, sensor)
+        yield context.live, control
+
+
+async def _enter(stack: AsyncExitStack, resource: AbstractAsyncContextManager[T]) -> T:
+    """Enter `resource` on `stack`; its exit runs shielded from cancellation, bounded."""
+    entered = await resource.__aenter__()
+
+    async def close(*exc_info: object) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_SECS):
+            await resource.__aexit__(*exc_info)  # type: ignore[arg-type]
+
+    stack.push_async_exit(close)
+    return entered
+
+
+def _needed_models(state: RoutingState) -> list[str]:
+    models = list(state.routing_config().write_models)
+    if state.active is not None and state.active.target not in models:
+        models.append(state.active.target)
+    return models

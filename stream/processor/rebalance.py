@@ -1,0 +1,55 @@
+"""Eager rebalances: the window in flight finishes and commits before partitions go."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import anyio
+
+from stream.processor.backfill import MigrationWorker
+from stream.processor.commits import Offsets
+from stream.processor.sensors import Sensor
+
+log = logging.getLogger(__name__)
+
+
+class Rebalance:
+    """The consumer group's `PartitionListener` for the live path."""
+
+    def __init__(
+        self, migration: MigrationWorker, offsets: Offsets, sensor: Sensor, *, max_wait: float
+    ) -> None:
+        self._migration = migration
+        self._offsets = offsets
+        self._sensor = sensor
+        self._max_wait = max_wait
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._busy = False
+
+    @contextmanager
+    def window(self) -> Iterator[None]:
+        """Mark a window in flight (fetched, not yet committed) for the duration."""
+        self._busy, self._idle = True, anyio.Event()
+        try:
+            yield
+        finally:
+            self._busy = False
+            self._idle.set()
+
+    async def on_revoked(self, partitions: Sequence[int]) -> None:
+        """Let the window in flight finish and commit (bounded by half the poll interval)."""
+        if self._busy:
+            log.info("rebalance: waiting for the window in flight before revoking %s", partitions)
+            with anyio.move_on_after(self._max_wait):
+                await self._idle.wait()
+        self._migration.forget(partitions)
+        self._offsets.forget(partitions)
+
+    async def on_assigned(self, partitions: Sequence[int]) -> None:
+        """Log the new assignment and tell the sensor."""
+        log.info("assigned partitions: %s", partitions)
+        if partitions:
+            self._sensor.on_assigned(partitions)

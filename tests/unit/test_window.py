@@ -1,0 +1,122 @@
+"""The window processor's two stages, with the real tiny models and a fake producer.
+
+The fake stands in for the Kafka boundary (`OutputProducer`), so that per-key order and
+send failures can be checked exactly; the integration tests run the real producer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from stream.config import Config, ModelConfig
+from stream.core.records import SourceRecord
+from stream.embed.pool import ModelPool
+from stream.errors import RecordRejected, SendFailed
+from stream.processor.inference import Inference
+from stream.processor.sensors import ProcessorStats, Sensor
+from stream.processor.window import RetryWindow, WindowProcessor
+from tests.support.fakes import FakeProducer, source
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+def record(offset: int, key: str, value: dict[str, Any] | None) -> SourceRecord:
+    encoded = None if value is None else msgspec.json.encode(value)
+    return source("atoms", 0, offset, key.encode(), encoded)
+
+
+def created(offset: int, key: str, text: str) -> SourceRecord:
+    return record(offset, key, {"type": "atom.created", "atom_id": key, "text": text})
+
+
+def window_processor(
+    tiny_model: Path, tiny_model_b: Path, producer: FakeProducer
+) -> WindowProcessor:
+    config = Config(
+        models={"a": ModelConfig(path=str(tiny_model)), "b": ModelConfig(path=str(tiny_model_b))}
+    )
+    config = msgspec.structs.replace(
+        config, batching=msgspec.structs.replace(config.batching, micro_batch_atoms=4)
+    )
+    stats = ProcessorStats()
+    inference = Inference(config.batching, stats, Sensor())
+    return WindowProcessor(config, ModelPool(config), producer, inference, stats)  # type: ignore[arg-type]
+
+
+async def test_each_model_gets_every_key_in_input_order(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    texts = ["short", "a much longer text " * 12, "medium sized text here", "short"]
+    records = [created(i, f"k{i % 3}", text) for i, text in enumerate(texts * 3)]
+    records.append(record(len(records), "k1", {"type": "atom.deleted", "atom_id": "k1"}))
+    producer = FakeProducer()
+    await window_processor(tiny_model, tiny_model_b, producer).process(records, ("a", "b"), None)
+    for model in ("a", "b"):
+        keyed = [(r.key, r.value) for topic, r in producer.sent if topic == f"embeddings.{model}"]
+        assert len(keyed) == len(records)
+        for key in (b"k0", b"k1", b"k2"):
+            offsets = [
+                None if value is None else msgspec.json.decode(value)["source"]["offset"]
+                for k, value in keyed
+                if k == key
+            ]
+            expected = [r.offset for r in records if r.key == key]
+            if key == b"k1":  # the delete is last: a tombstone, after every earlier version
+                assert offsets[-1] is None and offsets[:-1] == expected[:-1]
+            else:
+                assert offsets == expected
+
+
+async def test_a_send_that_times_out_asks_for_the_window_again(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer(fail={"embeddings.b": SendFailed("send to embeddings.b failed")})
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    with pytest.raises(RetryWindow, match=r"send to embeddings\.b failed"):
+        await processor.process([created(0, "k", "text")], ("a", "b"), None)
+
+
+async def test_an_ack_that_fails_asks_for_the_window_again(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer(fail_ack={"embeddings.a": [SendFailed("no leader for embeddings.a")]})
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    with pytest.raises(RetryWindow, match="no leader"):
+        await processor.process([created(0, "k", "text")], ("a", "b"), None)
+
+
+async def test_a_record_the_broker_refuses_becomes_one_produce_dead_letter(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer(fail={"embeddings.b": RecordRejected("record too large")})
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    await processor.process([created(0, "k", "text"), created(1, "j", "more")], ("a", "b"), None)
+    assert sorted(producer.keys("embed.dlq")) == [b"j", b"k"]
+    assert processor.stats.dead_letters == {"produce": 2}
+    headers = dict(next(r for t, r in producer.sent if t == "embed.dlq").headers)
+    assert headers["lattice.dlq.stage"] == b"produce"
+
+
+async def test_invalid_events_are_one_dead_letter_each_on_the_live_path_only(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    bad = [
+        source("atoms", 0, 0, b"x", b"not json"),
+        record(1, "y", {"type": "atom.created", "atom_id": "y", "text": "   "}),
+    ]
+    records = [*bad, created(2, "k", "fine")]
+    producer = FakeProducer()
+    live = window_processor(tiny_model, tiny_model_b, producer)
+    await live.process(records, ("a",), None)
+    assert producer.keys("embed.dlq") == [b"x", b"y"]
+    assert live.stats.dead_letters == {"decode": 1, "validate": 1}
+    assert producer.keys("embeddings.a") == [b"k"]
+    backfill_producer = FakeProducer()
+    backfill = window_processor(tiny_model, tiny_model_b, backfill_producer)
+    await backfill.process(records, ("a",), "m1", path="backfill")
+    assert backfill_producer.keys("embed.dlq") == []
+    assert backfill_producer.keys("embeddings.a") == [b"k"]
