@@ -14,7 +14,6 @@ from schemas.control import (
 from schemas.embeddings import EmbeddingRecord, PackedEmbeddingRecord, SourceRef, decode_embedding
 from schemas.errors import LatticeError
 from schemas.routing import (
-    EmbeddingRoute,
     EmbeddingRoutingConfig,
     MigrationState,
     Progress,
@@ -31,7 +30,6 @@ __all__ = [
     "CancelMigration",
     "ControlCommand",
     "EmbeddingRecord",
-    "EmbeddingRoute",
     "EmbeddingRoutingConfig",
     "Finalize",
     "InvalidAtom",

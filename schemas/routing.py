@@ -28,18 +28,6 @@ class MigrationState(enum.StrEnum):
     FINALIZED = "finalized"
 
 
-class EmbeddingRoute(msgspec.Struct, frozen=True, kw_only=True):
-    """Where one new atom goes: the primary model, and a secondary one while dual-writing."""
-
-    primary: str
-    secondary: str | None = None
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        """Every model the atom is embedded with, primary first."""
-        return (self.primary,) if self.secondary is None else (self.primary, self.secondary)
-
-
 class EmbeddingRoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The full routing: which model answers queries, which models are written."""
 

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
 from stream.errors import ConfigError
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,200}$")]
+MODEL_NAME_PATTERN = r"[A-Za-z0-9._-]{1,200}"
+ModelName = Annotated[str, msgspec.Meta(pattern=f"^{MODEL_NAME_PATTERN}$")]
+REDACTED = "***"
 
 BUNDLED_MODEL = "minilm"
 
@@ -49,6 +52,13 @@ class KafkaConfig(_Section, frozen=True):
     enable_idempotence: bool = True
     # Producer compression of output records (the consumer reads any codec).
     compression_type: Literal["none", "gzip", "lz4", "snappy", "zstd"] = "none"
+
+    def __repr__(self) -> str:
+        """Every setting but the password, which never reaches a log line."""
+        fields = msgspec.structs.asdict(self)
+        if fields["sasl_plain_password"] is not None:
+            fields["sasl_plain_password"] = REDACTED
+        return f"KafkaConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
 class TopicsConfig(_Section, frozen=True):
@@ -151,7 +161,17 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = MetricsConfig()
 
 
-_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime", "output", "metrics")
+_SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
+    "kafka": KafkaConfig,
+    "topics": TopicsConfig,
+    "routing": RoutingConfig,
+    "limits": LimitsConfig,
+    "batching": BatchingConfig,
+    "runtime": RuntimeConfig,
+    "output": OutputConfig,
+    "metrics": MetricsConfig,
+}
+_SECTIONS = tuple(_SECTION_TYPES)
 _ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}
 _NOT_SETTINGS = {"LATTICE_CONFIG"}
 
@@ -185,7 +205,7 @@ def _convert_models(tables: object) -> dict[str, ModelConfig]:
         raise ConfigError("config: models: must be a table of [models.<name>] tables")
     models: dict[str, ModelConfig] = {}
     for name, table in tables.items():
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name):
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
             raise ConfigError(
                 f"config: models.{name}: a model name may use only letters, digits, '.', '_', '-'"
             )
@@ -216,15 +236,24 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"config: [{section}] must be a table")
-        table[key] = _parse_scalar(text)
+        table[key] = _environment_value(name, text, section, key)
 
 
-def _parse_scalar(text: str) -> Any:
-    """Read an environment value as a TOML scalar when it is one, else as a plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+def _environment_value(name: str, text: str, section: str, key: str) -> Any:
+    """An environment value converted to its setting's type: strings stay strings as they
+    are ("123456", quotes and all), numbers and booleans are parsed, lists split on commas.
+    An unknown key is passed on as text, for validation to name it."""
+    section_type = _SECTION_TYPES[section]
+    field = next((f for f in msgspec.structs.fields(section_type) if f.name == key), None)
+    if field is None:
         return text
+    value: Any = text
+    if isinstance(msgspec.inspect.type_info(field.type), msgspec.inspect.ListType):
+        value = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return msgspec.convert(value, field.type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"environment: {name} ({section}.{key}): {_readable(str(exc))}") from exc
 
 
 def _readable(message: str) -> str:

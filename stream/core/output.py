@@ -70,6 +70,4 @@ def embedding_output(
 
 def tombstone_output(*, atom_id: str, model: str, source: SourceRef) -> OutRecord:
     """A null value for a deleted atom."""
-    return OutRecord(
-        key=atom_id.encode("utf-8"), value=None, headers=output_headers(model, source)
-    )
+    return OutRecord(key=atom_id.encode("utf-8"), value=None, headers=output_headers(model, source))

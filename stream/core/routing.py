@@ -26,7 +26,6 @@ from schemas.control import (
     WindowClosed,
 )
 from schemas.routing import (
-    EmbeddingRoute,
     EmbeddingRoutingConfig,
     MigrationState,
     Progress,
@@ -155,11 +154,6 @@ class RoutingState:
         return EmbeddingRoutingConfig(
             query_model=query, write_models=writes, phase=RoutingPhase.MIGRATING
         )
-
-    def route_new_atom(self) -> EmbeddingRoute:
-        """The original design's question: where does a new atom go?"""
-        primary, *rest = self.routing_config().write_models
-        return EmbeddingRoute(primary=primary, secondary=rest[0] if rest else None)
 
     def route_query(self) -> str:
         """The original design's question: which model answers a query?"""

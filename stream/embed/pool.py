@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import anyio
 
 from stream.config import Config
@@ -18,11 +16,6 @@ class ModelPool:
         self._config = config
         self._loaded: dict[str, Embedder] = {}
         self._lock = anyio.Lock()
-
-    @property
-    def loaded(self) -> Mapping[str, Embedder]:
-        """The models loaded so far."""
-        return self._loaded
 
     async def get(self, name: str) -> Embedder:
         """The embedder for `name`, loading it (off the event loop) if needed."""

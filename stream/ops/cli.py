@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from typing import Any
 
 import anyio
-import msgspec
 
 from stream import __version__
-from stream.config import Config, load_config
+from stream.config import load_config
 from stream.errors import ConfigError, LatticeError
+from stream.ops import commands
+from stream.ops.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lattice-embed {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run(commands, common)
+    _add_status(commands, common)
+    _add_control(commands, common)
+    _add_replay(commands, common)
+    _add_bench(commands, common)
+    _add_demo(commands, common)
+    return parser
+
+
+def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed run`."""
     run = commands.add_parser(
         "run", parents=[common], help="run the processor (SIGTERM drains, commits and exits 0)"
     )
@@ -47,12 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(backfill runs in the live owner of each partition, so per-key order is exact)",
     )
 
+
+def _add_status(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed status`."""
     status = commands.add_parser("status", parents=[common], help="show the current routing")
     status.add_argument("--json", action="store_true", help="print the RoutingStatus as JSON")
     status.add_argument(
         "--watch", action="store_true", help="keep showing phase, models and backfill progress"
     )
 
+
+def _add_control(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed control`."""
     control = commands.add_parser(
         "control",
         help="change the routing: write a command to the control log and wait for its outcome "
@@ -90,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "pause":
             sub.add_argument("--reason")
 
+
+def _add_replay(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed replay`."""
     replay = commands.add_parser(
         "replay",
         parents=[common],
@@ -108,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="end (exclusive): offsets per partition, or an RFC 3339 time (default: log end now)",
     )
 
+
+def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed bench`."""
     bench = commands.add_parser(
         "bench",
         parents=[common],
@@ -145,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the repository's local broker (and use it) if it is not running",
     )
 
+
+def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed demo`."""
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -154,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep-broker", action="store_true", help="leave the local broker running afterwards"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,20 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        _setup_logging(config, quiet=args.command != "run")
+        setup_logging(config, quiet=args.command != "run")
         if args.command == "run":
             from stream.processor.app import run_processor
 
             anyio.run(lambda: run_processor(config, role=args.role))
             return 0
         if args.command == "status":
-            return _status(config, as_json=args.json, watch=args.watch)
+            return commands.status(config, as_json=args.json, watch=args.watch)
         if args.command == "control":
-            return _control(config, args)
+            return commands.control(config, args)
         if args.command == "replay":
-            return _replay(config, args)
+            return commands.replay(config, args)
         if args.command == "bench":
-            return _bench(config, args)
+            return commands.bench(config, args)
         if args.command == "demo":
             from stream.tools.demo import run_demo
 
@@ -189,225 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command}")
-
-
-def _bench(config: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from stream.tools.bench import run_bench
-    from stream.tools.benchreport import format_table
-    from stream.tools.workloads import WORKLOADS
-
-    workloads = [w for w in args.workloads.split(",") if w and w != "none"]
-    unknown = set(workloads) - set(WORKLOADS)
-    if unknown:
-        raise ConfigError(f"bench: unknown workload(s) {sorted(unknown)}; use {WORKLOADS}")
-    if args.device:
-        runtime = msgspec.structs.replace(config.runtime, device=args.device)
-        config = msgspec.structs.replace(config, runtime=runtime)
-    started = False
-    if args.local_broker:
-        from stream.tools.localbroker import local_bootstrap, start_local_broker
-
-        started = start_local_broker()
-        kafka = msgspec.structs.replace(config.kafka, bootstrap_servers=local_bootstrap())
-        config = msgspec.structs.replace(config, kafka=kafka)
-    logging.getLogger("stream").setLevel(logging.WARNING)
-    try:
-        report = anyio.run(
-            lambda: run_bench(
-                config,
-                workloads=workloads,
-                atoms=args.atoms,
-                runs=args.runs,
-                dual=args.dual,
-                load_secs=args.load_secs,
-                out=Path(args.out),
-                backfill_target=args.backfill_latency,
-                backfill_live_rate=args.live_rate,
-                memory_atoms=args.memory,
-            )
-        )
-    finally:
-        if started:
-            from stream.tools.localbroker import stop_local_broker
-
-            stop_local_broker()
-    print(format_table(report))
-    print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
-    return 0
-
-
-def _replay(config: Config, args: argparse.Namespace) -> int:
-    from datetime import datetime
-
-    from stream.ops.replay import parse_offsets, replay
-
-    def when(text: str) -> datetime:
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ConfigError(f"replay: {text!r} is not an RFC 3339 time") from exc
-        if moment.tzinfo is None:
-            raise ConfigError(f"replay: {text!r} needs a time zone")
-        return moment
-
-    to_offsets = to_time = None
-    if args.to:
-        if len(args.to) == 1 and ":" in args.to[0] and not args.to[0].split(":")[0].isdigit():
-            to_time = when(args.to[0])
-        else:
-            to_offsets = parse_offsets(args.to)
-    result = anyio.run(
-        lambda: replay(
-            config,
-            args.model,
-            from_offsets=parse_offsets(args.from_offset) if args.from_offset else None,
-            from_time=when(args.from_timestamp) if args.from_timestamp else None,
-            to_offsets=to_offsets,
-            to_time=to_time,
-        )
-    )
-    print(
-        f"replayed {result.events} events into {config.topics.embeddings(args.model)}: "
-        f"{result.embedded} embedded, {result.skipped_newer} skipped (newer version exists), "
-        f"{result.skipped_invalid} invalid"
-    )
-    return 0
-
-
-def _dry_run(config: Config, source: str, target: str) -> int:
-    from stream.ops.operator import dry_run
-
-    report = anyio.run(dry_run, config, source, target)
-    print(f"source {report.source}: dim {report.source_dim}")
-    print(f"target {report.target}: dim {report.target_dim}")
-    if report.source_dim != report.target_dim:
-        print("dimensions differ: queries must switch index with the query model")
-    print(f"events to backfill: {report.events} (atoms topic, all partitions)")
-    print(f"target model: {report.target_atoms_per_sec:.1f} atoms/s on a sample of {report.sample}")
-    if report.estimate_secs is not None:
-        print(f"estimated backfill time: {report.estimate_secs:.0f}s (model time, one instance)")
-    print("dry run: nothing was changed")
-    return 0
-
-
-def _control(config: Config, args: argparse.Namespace) -> int:
-    from schemas import control as commands
-    from stream.ops.operator import send_command
-
-    command: commands.ControlCommand
-    issued_by = os.environ.get("USER")
-    if args.action == "start-migration":
-        source = args.source
-        if source is None:
-            from stream.processor.app import read_status
-
-            source = anyio.run(read_status, config).query_model
-        if args.dry_run:
-            return _dry_run(config, source, args.target)
-        try:
-            backfill = msgspec.convert(
-                {
-                    "batch_size": args.batch_size,
-                    "max_concurrent": args.max_concurrent,
-                    "dual_write": not args.no_dual_write,
-                    "target_query_threshold": args.threshold,
-                    "rollback_window_secs": args.rollback_window_secs,
-                },
-                commands.BackfillConfig,
-            )
-        except msgspec.ValidationError as exc:
-            print(f"lattice-embed: control: invalid backfill settings: {exc}", file=sys.stderr)
-            return 2
-        command = commands.StartMigration(
-            migration_id=args.migration_id,
-            source_model=source,
-            target_model=args.target,
-            backfill=backfill,
-            issued_by=issued_by,
-        )
-    else:
-        kinds: dict[str, type[commands.ControlCommand]] = {
-            "pause": commands.PauseMigration,
-            "resume": commands.ResumeMigration,
-            "cancel": commands.CancelMigration,
-            "rollback": commands.Rollback,
-            "finalize": commands.Finalize,
-        }
-        extra = {"reason": args.reason} if args.action == "pause" else {}
-        command = kinds[args.action](migration_id=args.migration_id, issued_by=issued_by, **extra)
-    accepted, status = anyio.run(send_command, config, command)
-    if not accepted:
-        reason = status.last_rejection.reason if status.last_rejection else "rejected"
-        print(f"lattice-embed: control: rejected: {reason}", file=sys.stderr)
-        return 1
-    print(
-        f"accepted: phase={status.phase} state={status.state} query={status.query_model} "
-        f"write={','.join(status.write_models)}"
-    )
-    return 0
-
-
-def _status(config: Config, *, as_json: bool, watch: bool) -> int:
-    from stream.processor.app import read_status
-
-    if watch:
-        from stream.ops.operator import watch_status
-
-        anyio.run(watch_status, config)
-        return 0
-    status = anyio.run(read_status, config)
-    if as_json:
-        print(msgspec.json.encode(status).decode())
-    else:
-        print(f"phase:        {status.phase}")
-        print(f"query model:  {status.query_model}")
-        print(f"write models: {', '.join(status.write_models)}")
-        if status.migration_id:
-            print(f"migration:    {status.migration_id} ({status.state})")
-        if status.progress is not None:
-            total = "unknown" if status.progress.total is None else status.progress.total
-            print(f"backfill:     {status.progress.processed}/{total}")
-        if status.rollback_window_ends_at is not None:
-            print(f"rollback window ends at {status.rollback_window_ends_at.isoformat()}")
-        if status.last_rejection is not None:
-            rejection = status.last_rejection
-            print(
-                f"last rejection: {rejection.command} {rejection.migration_id}: {rejection.reason}"
-            )
-    return 0
-
-
-class JsonLines(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Render one record."""
-        entry = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return msgspec.json.encode(entry).decode()
-
-
-def _setup_logging(config: Config, *, quiet: bool) -> None:
-    """The processor logs at the configured level; one-shot commands only warnings."""
-    level = logging.getLevelName(config.runtime.log_level)
-    handler = logging.StreamHandler(sys.stderr)
-    if config.runtime.log_format == "json":
-        handler.setFormatter(JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=max(level, logging.WARNING) if quiet else level, handlers=[handler])
-    # aiokafka logs transient errors it retries itself; a one-shot command reports real
-    # failures as one line from the exception instead.
-    client_level = logging.CRITICAL if quiet else max(logging.WARNING, logging.root.level)
-    logging.getLogger("aiokafka").setLevel(client_level)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,7 @@ class ProcessorCollector(Collector):
             if progress.total is not None:
                 ratio = 1.0 if progress.total == 0 else progress.processed / progress.total
             if migration.window_ends_at is not None and not migration.window_closed:
-                remaining = max(
-                    0.0, (migration.window_ends_at - self._now()).total_seconds()
-                )
+                remaining = max(0.0, (migration.window_ends_at - self._now()).total_seconds())
         yield GaugeMetricFamily(
             "lattice_migration_progress_ratio", "Backfill progress (NaN: unknown)", value=ratio
         )

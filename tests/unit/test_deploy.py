@@ -19,10 +19,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import promql_parser
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from stream.config import load_config
 from stream.ops.cli import build_parser
@@ -91,7 +91,7 @@ def deployments() -> list[dict[str, Any]]:
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
 
@@ -519,7 +519,10 @@ def parse_promql(expr: str, where: str) -> None:
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads((DEPLOY / "grafana/lattice-embed.json").read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = json.loads(
+        (DEPLOY / "grafana/lattice-embed.json").read_text(encoding="utf-8")
+    )
+    return loaded
 
 
 def test_dashboard_uses_only_exported_metrics_and_covers_them() -> None:

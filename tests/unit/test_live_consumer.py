@@ -83,13 +83,8 @@ async def live_loop(
     heard = Heard()
     stats = ProcessorStats()
     models = ModelPool(config)
-    processor = WindowProcessor(
-        config,
-        models,
-        producer,
-        Inference(config.batching, stats, heard),
-        stats,  # type: ignore[arg-type]
-    )
+    inference = Inference(config.batching, stats, heard)
+    processor = WindowProcessor(config, models, producer, inference, stats)  # type: ignore[arg-type]
     stop = anyio.Event()
     async with ControlPlane(config, log=FakeControlLog()) as control:  # type: ignore[arg-type]
         await control.replay()

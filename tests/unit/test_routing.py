@@ -69,7 +69,8 @@ def test_routing_matrix_through_a_whole_migration() -> None:
         ("a", "b"),
         RoutingPhase.MIGRATING,
     )
-    assert state.status().progress is not None and state.status().progress.total is None
+    status = state.status()
+    assert status.progress is not None and status.progress.total is None
     state = replay([handoff(0, 100)], start=state)
     assert state.migration is not None and state.migration.progress.total is None, (
         "unknown until every partition has a handoff, never 0"

@@ -95,7 +95,8 @@ async def test_a_record_the_broker_refuses_becomes_one_produce_dead_letter(
     producer = FakeProducer(fail={"embeddings.b": RecordRejected("record too large")})
     processor = window_processor(tiny_model, tiny_model_b, producer)
     await processor.process([created(0, "k", "text"), created(1, "j", "more")], ("a", "b"), None)
-    assert sorted(producer.keys("embed.dlq")) == [b"j", b"k"]
+    letters = producer.keys("embed.dlq")
+    assert len(letters) == 2 and set(letters) == {b"j", b"k"}
     assert processor.stats.dead_letters == {"produce": 2}
     headers = dict(next(r for t, r in producer.sent if t == "embed.dlq").headers)
     assert headers["lattice.dlq.stage"] == b"produce"
