@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stream.state.keypass import RawRecord, key_events
-from stream.state.keystore import KeyStore, Verdict
+from stream.state.keystore import KeyStore, Tuning, Verdict
 
 MAX_EVENT_BYTES = 1 << 20
 WORDS = ("stream", "vector", "atom", "kafka", "model", "offset", "embedding", "partition")
@@ -43,7 +43,9 @@ def events(count: int, seed: int) -> Iterator[RawRecord]:
             atoms += 1
         else:
             atom = rng.randrange(atoms)
-        key = f"atom-{atom:09d}"
+        # Scrambled ids (like UUIDs): log order says nothing about key order, so lookups in
+        # emission order get no help from locality.
+        key = f"{(atom * 2654435761) % 2**32:08x}-{atom}"
         if roll >= 0.9 and atoms > 1:
             value = None if roll >= 0.95 else f'{{"type":"atom.deleted","atom_id":"{key}"}}'
         else:
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keys", type=int, default=1_000_000, help="events in the log")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lookup-batch", type=int, default=1000)
+    parser.add_argument("--cache-mib", type=int, default=Tuning().cache_bytes >> 20)
     parser.add_argument("--dir", type=Path, default=None, help="state directory (a temp one)")
     args = parser.parse_args(argv)
     n: int = args.keys
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             f"decode alone {n / max(decode_secs - generate_secs, 1e-9):,.0f}/s ({decoded:,} valid)"
         )
 
-        with KeyStore.open(root) as store:
+        with KeyStore.open(root, Tuning(cache_bytes=args.cache_mib << 20)) as store:
             keys = store.partition("bench", 0, 0)
             began = time.perf_counter()
             keys.record_history(

@@ -31,11 +31,18 @@ footprint, and is the store a production stream processor would use.
 
 With this module's settings (`Tuning`: one 32 MiB cache for blocks and memtables, 4 MiB
 memtables, partitioned index and bloom filters so a cache much smaller than the data does
-not thrash), `python -m stream.state.bench_keystore --keys 1000000` measured: keys pass
-(decode + store) 99 k events/s (store alone 153 k/s, `decode_atom` alone 488 k/s), batched
-verdicts 254 k lookups/s, single `should_backfill` 84 k/s, RSS growth 42 MiB, 5.9 MiB on
-disk for 700 k keys. (Before the partitioned filters, a 32 MiB cache thrashed on whole-file
-filter blocks: 7 k single lookups/s.)
+not thrash), `python -m stream.state.bench_keystore --keys 1000000` (1M events, 700 k keys
+with scrambled, UUID-like ids, so lookups in log order get no locality; 2 shared cores, so
++-30% between runs):
+
+| cache | store | decode | batched verdicts | single lookups | RSS growth | disk |
+|---|---|---|---|---|---|---|
+| 32 MiB (default) | 59 k events/s | 287 k/s | 67 k/s | 41 k/s | +45 MiB | 14.6 MiB |
+| 64 MiB | 133 k events/s | 483 k/s | 129 k/s | 66 k/s | +73 MiB | 14.5 MiB |
+
+At 3M events (2.1M keys, sequential ids) the default grew RSS by 53 MiB (+11 MiB over 1M:
+table-reader metadata per SST file), 17.8 MiB on disk. Before the partitioned filters, a
+32 MiB cache thrashed on whole-file filter blocks: 7 k single lookups/s.
 
 Layout: one RocksDB per (migration, epoch, partition) under
 `<dir>/m-<migration>/e<epoch>-p<partition>/`, so a partition's state can be reopened by
