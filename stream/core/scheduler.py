@@ -1,0 +1,239 @@
+"""Fair, work-conserving sharing of model time between live windows and backfill chunks.
+
+The live owner of a partition runs both paths in one task, one step at a time: a live window,
+or a backfill chunk. `ShareScheduler` decides which, from measured model seconds only (it is
+fed what each step really cost; it never reads a clock, so `now` is always a parameter):
+
+- **Live goes first.** With no credit owed to backfill, a waiting live window runs.
+- **Backfill gets at least `min_share`** of model time while it has work, however busy
+  live is: every second of live work run while backfill had work earns backfill
+  `min_share / (1 - min_share)` seconds of credit, and a chunk spends it. Over a run in which
+  live waits continuously, backfill's share converges to `min_share` (and never drops to 0).
+- **Work-conserving.** When live has nothing waiting, backfill runs, and that spare time
+  creates no debt: live is not made to "pay back" capacity nobody else wanted.
+- **A live window waits at most one chunk.** After a backfill chunk, a waiting live window
+  always runs next; a chunk's budget is at most `chunk_secs`. A live window that arrives
+  during a chunk waits for the rest of that chunk only.
+
+Credit is clamped to `[-chunk_secs, chunk_secs]`: a burst of live work cannot owe backfill
+more than one chunk, and a chunk that overran its estimate cannot starve backfill for long.
+
+For the share to be met with one chunk per live window, a live window must not be longer
+than `live_cap_secs` (= `chunk_secs * (1 - min_share) / min_share`): a LIVE decision carries
+that cap as its budget while backfill has work, and the live path sizes its window with it
+(`chunk_atoms`). A caller that ignores the cap still never starves backfill (it gets one
+chunk after every live window), but its share is then `chunk / (window + chunk)`.
+
+The chunk sizers turn a budget of model seconds into a number of records from a measured
+rate (`RateEstimate`, an exponentially weighted mean of seconds per byte or per atom).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_MIN_SHARE = 0.25
+DEFAULT_CHUNK_SECS = 0.2
+DEFAULT_WINDOW_SECS = 10.0
+
+
+class Step(enum.Enum):
+    """What the live owner should do next."""
+
+    LIVE = "live"
+    BACKFILL = "backfill"
+    IDLE = "idle"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One scheduling decision.
+
+    `budget_secs`: for BACKFILL, the model seconds the chunk may take (size it with
+    `chunk_atoms` or `chunk_prefix`); for LIVE, the longest window that still leaves backfill
+    its share (`live_cap_secs`), or None when backfill has no work (no cap); None for IDLE.
+    """
+
+    step: Step
+    budget_secs: float | None = None
+
+
+class ShareScheduler:
+    """A credit accountant for model time: live first, backfill >= `min_share`, no idling."""
+
+    def __init__(
+        self,
+        min_share: float = DEFAULT_MIN_SHARE,
+        chunk_secs: float = DEFAULT_CHUNK_SECS,
+        *,
+        min_chunk_secs: float | None = None,
+        window_secs: float = DEFAULT_WINDOW_SECS,
+    ) -> None:
+        if not 0.0 < min_share < 1.0:
+            raise ValueError(f"min_share must be in (0, 1), got {min_share}")
+        if not chunk_secs > 0.0:
+            raise ValueError(f"chunk_secs must be positive, got {chunk_secs}")
+        if min_chunk_secs is None:
+            min_chunk_secs = chunk_secs / 4
+        if not 0.0 < min_chunk_secs <= chunk_secs:
+            raise ValueError(f"min_chunk_secs must be in (0, chunk_secs], got {min_chunk_secs}")
+        if not window_secs > 0.0:
+            raise ValueError(f"window_secs must be positive, got {window_secs}")
+        self.min_share = min_share
+        self.chunk_secs = chunk_secs
+        self.min_chunk_secs = min_chunk_secs
+        self._earn = min_share / (1.0 - min_share)
+        self._credit = 0.0
+        self._last = Step.IDLE
+        self._backfill_pending = False
+        self._chunk_contended = False
+        self._share = _DecayedShare(window_secs)
+
+    @property
+    def credit_secs(self) -> float:
+        """Model seconds owed to backfill (negative: backfill ran ahead of its share)."""
+        return self._credit
+
+    @property
+    def live_cap_secs(self) -> float:
+        """The longest live window that lets backfill take its share with one chunk."""
+        return self.chunk_secs / self._earn
+
+    def next_step(self, *, live_waiting: bool, backfill_pending: bool) -> Decision:
+        """Decide the next step. Pure in the scheduler's state: call it, run the step,
+        then report what the step cost with `record_live` or `record_backfill`."""
+        self._backfill_pending = backfill_pending
+        if not backfill_pending:
+            self._credit = 0.0  # nothing is owed for time in which backfill had no work
+            return Decision(Step.LIVE) if live_waiting else Decision(Step.IDLE)
+        if not live_waiting:
+            self._chunk_contended = False
+            return Decision(Step.BACKFILL, self.chunk_secs)
+        if self._last is Step.BACKFILL or self._credit <= 0.0:
+            return Decision(Step.LIVE, self.live_cap_secs)
+        self._chunk_contended = True
+        return Decision(Step.BACKFILL, max(self._credit, self.min_chunk_secs))
+
+    def record_live(self, seconds: float, now: float) -> None:
+        """A live window took `seconds` of model time, ending at `now`."""
+        seconds = _non_negative(seconds)
+        if self._backfill_pending:
+            self._credit = min(self._credit + seconds * self._earn, self.chunk_secs)
+        self._last = Step.LIVE
+        self._share.add(live=seconds, backfill=0.0, now=now)
+
+    def record_backfill(self, seconds: float, now: float) -> None:
+        """A backfill chunk took `seconds` of model time, ending at `now`."""
+        seconds = _non_negative(seconds)
+        if self._chunk_contended:
+            self._credit = max(self._credit - seconds, -self.chunk_secs)
+        elif self._credit > 0.0:  # spare capacity repays what is owed, never makes debt
+            self._credit = max(self._credit - seconds, 0.0)
+        self._last = Step.BACKFILL
+        self._share.add(live=0.0, backfill=seconds, now=now)
+
+    def backfill_share(self, now: float) -> float | None:
+        """Backfill's share of model time over the recent window (exponential decay with a
+        half-life of `window_secs`), or None before any work was recorded."""
+        return self._share.backfill_share(now)
+
+
+class _DecayedShare:
+    """Exponentially decayed model seconds of each path (for metrics and tests)."""
+
+    def __init__(self, half_life_secs: float) -> None:
+        self._half_life = half_life_secs
+        self._live = 0.0
+        self._backfill = 0.0
+        self._at: float | None = None
+
+    def _decay_to(self, now: float) -> None:
+        if self._at is not None and now > self._at:
+            factor = 0.5 ** ((now - self._at) / self._half_life)
+            self._live *= factor
+            self._backfill *= factor
+        if self._at is None or now > self._at:
+            self._at = now
+
+    def add(self, *, live: float, backfill: float, now: float) -> None:
+        self._decay_to(now)
+        self._live += live
+        self._backfill += backfill
+
+    def backfill_share(self, now: float) -> float | None:
+        self._decay_to(now)
+        total = self._live + self._backfill
+        if total <= 0.0:
+            return None
+        return self._backfill / total
+
+
+class RateEstimate:
+    """Exponentially weighted mean of model seconds per unit (a byte, or an atom)."""
+
+    def __init__(self, initial_secs_per_unit: float, *, weight: float = 0.5) -> None:
+        if not initial_secs_per_unit > 0.0:
+            raise ValueError("the initial estimate must be positive")
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        self._value = initial_secs_per_unit
+        self._weight = weight
+
+    @property
+    def secs_per_unit(self) -> float:
+        return self._value
+
+    def observe(self, units: int, seconds: float) -> None:
+        """`units` took `seconds`; an empty or instantaneous measurement is ignored."""
+        if units <= 0 or not seconds > 0.0:
+            return
+        measured = seconds / units
+        self._value = (1.0 - self._weight) * self._value + self._weight * measured
+
+
+def chunk_atoms(
+    budget_secs: float, secs_per_atom: float, *, min_atoms: int = 1, max_atoms: int = 1024
+) -> int:
+    """How many atoms fit in `budget_secs` at `secs_per_atom`, within [min_atoms, max_atoms]."""
+    if not 1 <= min_atoms <= max_atoms:
+        raise ValueError(f"need 1 <= min_atoms <= max_atoms, got {min_atoms}, {max_atoms}")
+    if secs_per_atom <= 0.0:
+        return max_atoms
+    fits = math.floor(budget_secs / secs_per_atom + 1e-9)
+    return max(min_atoms, min(max_atoms, fits))
+
+
+def chunk_prefix(
+    sizes: Sequence[int],
+    budget_secs: float,
+    *,
+    secs_per_byte: float,
+    secs_per_atom: float = 0.0,
+    max_atoms: int = 1024,
+) -> int:
+    """How many leading records (of `sizes` bytes each) fit in `budget_secs`.
+
+    A record is estimated at `secs_per_atom + size * secs_per_byte` (text bytes are a better
+    proxy for tokens than a count when lengths are heavy-tailed). At least one record is
+    taken when there is any, so a chunk always makes progress; at most `max_atoms`.
+    """
+    if max_atoms < 1:
+        raise ValueError(f"max_atoms must be at least 1, got {max_atoms}")
+    spent = 0.0
+    count = 0
+    for size in sizes[:max_atoms]:
+        cost = secs_per_atom + size * secs_per_byte
+        if count > 0 and spent + cost > budget_secs + 1e-12:
+            break
+        spent += cost
+        count += 1
+    return count
+
+
+def _non_negative(seconds: float) -> float:
+    if math.isnan(seconds) or seconds < 0.0:
+        raise ValueError(f"model seconds must be non-negative, got {seconds}")
+    return seconds

@@ -1,0 +1,1 @@
+"""On-disk state of the processor: the key store behind the skip rule and its keys pass."""
