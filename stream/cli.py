@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(backfill runs in the live owner of each partition, so per-key order is exact)",
     )
 
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="the embeddings API (OpenAI-compatible /v1/embeddings) that follows the routing",
+    )
+    serve.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: serve.port, 8080)")
+
+    commands.add_parser(
+        "sink",
+        parents=[common],
+        help="keep one pgvector table per model current from the embeddings topics",
+    )
+
     status = commands.add_parser("status", parents=[common], help="show the current routing")
     status.add_argument("--json", action="store_true", help="print the RoutingStatus as JSON")
     status.add_argument(
@@ -162,11 +176,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        _setup_logging(config, quiet=args.command != "run")
+        _setup_logging(config, quiet=args.command not in ("run", "serve", "sink"))
         if args.command == "run":
             from stream.app import run_processor
 
             anyio.run(lambda: run_processor(config, role=args.role))
+            return 0
+        if args.command == "serve":
+            from stream.serve.cli import serve_until_signalled
+
+            anyio.run(lambda: serve_until_signalled(config, host=args.host, port=args.port))
+            return 0
+        if args.command == "sink":
+            from stream.sink.cli import sink_until_signalled
+
+            anyio.run(lambda: sink_until_signalled(config))
             return 0
         if args.command == "status":
             return _status(config, as_json=args.json, watch=args.watch)
