@@ -13,6 +13,7 @@ from stream.serve.api import build_app
 from stream.serve.asgi import serve_asgi
 from stream.serve.service import EmbeddingService
 
+
 async def run_serve(
     config: Config,
     *,
