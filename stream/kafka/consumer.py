@@ -7,6 +7,7 @@ rebalance reaches a `PartitionListener`; a commit refused by a rebalance raises
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -108,3 +109,37 @@ class GroupConsumer:
         """Partitions of the topic, from the last metadata (None: not known yet)."""
         partitions = self._consumer.partitions_for_topic(self.topic)
         return len(partitions) if partitions else None
+
+
+class MultiTopicConsumer:
+    """A consumer-group member of several topics (by exact names), manual commits."""
+
+    def __init__(self, kafka: KafkaConfig, topics: Sequence[str], *, group_id: str) -> None:
+        self._kafka = kafka
+        self._topics = list(topics)
+        # A short metadata age picks up topics that are created after the member joined.
+        self._consumer: AIOKafkaConsumer = make_consumer(
+            kafka, group_id=group_id, metadata_max_age_ms=5000
+        )
+
+    async def __aenter__(self) -> MultiTopicConsumer:
+        async with kafka_errors("consumer", self._kafka.bootstrap_servers):
+            await self._consumer.start()
+            pattern = "^(" + "|".join(re.escape(topic) for topic in self._topics) + ")$"
+            self._consumer.subscribe(pattern=pattern)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._consumer.stop()
+
+    async def fetch(self, *, timeout_ms: int, max_records: int) -> list[SourceRecord]:
+        """Records of the assigned partitions of every topic (empty after `timeout_ms`)."""
+        async with kafka_errors("consumer", self._kafka.bootstrap_servers):
+            fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        return [to_source_record(m) for messages in fetched.values() for m in messages]
+
+    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Commit {(topic, partition): next offset}; `CommitFailed` after a rebalance."""
+        tps = {TopicPartition(topic, p): offset for (topic, p), offset in offsets.items()}
+        async with kafka_errors("commit", self._kafka.bootstrap_servers):
+            await self._consumer.commit(tps)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_run(commands, common)
+    _add_serve(commands, common)
+    _add_sink(commands, common)
     _add_status(commands, common)
     _add_control(commands, common)
     _add_replay(commands, common)
@@ -56,6 +58,26 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
         help="all (default): live path plus backfill of the partitions it owns; live: live path "
         "and handoffs only, backfill left to instances with role all; backfill: same as all "
         "(backfill runs in the live owner of each partition, so per-key order is exact)",
+    )
+
+
+def _add_serve(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed serve`."""
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="the embeddings API (OpenAI-compatible /v1/embeddings) that follows the routing",
+    )
+    serve.add_argument("--host", help="listen address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: serve.port, 8080)")
+
+
+def _add_sink(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`lattice-embed sink`."""
+    commands.add_parser(
+        "sink",
+        parents=[common],
+        help="keep one pgvector table per model current from the embeddings topics",
     )
 
 
@@ -187,11 +209,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        setup_logging(config, quiet=args.command != "run")
+        setup_logging(config, quiet=args.command not in ("run", "serve", "sink"))
         if args.command == "run":
             from stream.processor.app import run_processor
 
             anyio.run(lambda: run_processor(config, role=args.role))
+            return 0
+        if args.command == "serve":
+            from stream.serve.cli import serve_until_signalled
+
+            anyio.run(lambda: serve_until_signalled(config, host=args.host, port=args.port))
+            return 0
+        if args.command == "sink":
+            from stream.sink.cli import sink_until_signalled
+
+            anyio.run(lambda: sink_until_signalled(config))
             return 0
         if args.command == "status":
             return commands.status(config, as_json=args.json, watch=args.watch)

@@ -38,7 +38,8 @@ async def run_processor(
     the metrics endpoint's bound port (`on_listening`).
     """
     stop = stop or anyio.Event()
-    check_model_source(config.routing.stable_model, config.models[config.routing.stable_model])
+    stable = config.routing.stable_model
+    await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
     context = ProcessorContext(config, models or ModelPool(config))
     metrics = Metrics(context) if config.metrics.enabled else None
     context.sensors.extend(s for s in (metrics, sensor) if s is not None)

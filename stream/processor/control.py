@@ -62,10 +62,14 @@ class ControlPlane:
         await self._publish_status()
         return self.state
 
-    async def tail(self) -> None:
-        """Apply records as they arrive, forever; close the rollback window when it is due."""
+    async def tail(self, *, close_windows: bool = True) -> None:
+        """Apply records as they arrive, forever; close the rollback window when it is due.
+
+        Read-only followers (`serve`) pass `close_windows=False`: only processors append.
+        """
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._close_window_when_due)
+            if close_windows:
+                tasks.start_soon(self._close_window_when_due)
             while True:
                 await self._fetch_and_apply(timeout_ms=1000)
 

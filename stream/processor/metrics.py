@@ -1,4 +1,4 @@
-"""Prometheus metrics, /healthz and /readyz, served over HTTP from the event loop.
+"""Prometheus metrics, /healthz and /readyz, served over HTTP (uvicorn) from the event loop.
 
 Counters are read at scrape time from the processor's context: `ProcessorStats` and the
 routing state (one source of truth, nothing counted twice). Histograms are observed as
@@ -12,9 +12,8 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
-import anyio
 from anyio import TASK_STATUS_IGNORED
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -22,6 +21,8 @@ from prometheus_client.registry import Collector
 from schemas.routing import RoutingPhase
 from stream.processor.context import ProcessorContext
 from stream.processor.sensors import Sensor
+from stream.serve.asgi import serve_asgi
+from stream.serve.probes import probe_app
 
 log = logging.getLogger(__name__)
 
@@ -155,44 +156,20 @@ class Metrics(Sensor):
     async def serve(
         self, host: str, port: int, *, task_status: TaskStatus[int | None] = TASK_STATUS_IGNORED
     ) -> None:
-        """Serve /metrics, /healthz and /readyz until cancelled."""
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        bound = int(listener.extra(SocketAttribute.local_port))
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        task_status.started(bound)
-        async with listener:
-            await listener.serve(self._handle)
+        """Serve /metrics, /healthz and /readyz until cancelled (uvicorn, on this loop)."""
+        await serve_asgi(
+            probe_app(self.exposition, self._readiness),
+            host,
+            port,
+            name="metrics",
+            task_status=task_status,
+        )
 
-    async def _handle(self, client: SocketStream) -> None:
-        async with client:
-            try:
-                with anyio.fail_after(5):
-                    request = await client.receive(4096)
-            except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
-                return
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
-            path = path.split(b"?", 1)[0]
-            if path == b"/metrics":
-                status, body = 200, self.exposition()
-                kind = b"text/plain; version=0.0.4; charset=utf-8"
-            elif path == b"/healthz":
-                status, body, kind = 200, b"ok\n", b"text/plain"
-            elif path == b"/readyz":
-                health = self._context.health
-                status = 200 if health.ready else 503
-                body = (
-                    f"models_loaded={health.models_loaded} "
-                    f"control_replayed={health.control_replayed} assigned={health.assigned}\n"
-                ).encode()
-                kind = b"text/plain"
-            else:
-                status, body, kind = 404, b"not found\n", b"text/plain"
-            reason = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}[status]
-            head = (
-                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n" % (status, reason, kind, len(body))
-            )
-            try:
-                await client.send(head + body)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
+    def _readiness(self) -> tuple[bool, str]:
+        """Whether the processor is ready, and why not."""
+        health = self._context.health
+        detail = (
+            f"models_loaded={health.models_loaded} "
+            f"control_replayed={health.control_replayed} assigned={health.assigned}"
+        )
+        return health.ready, detail

@@ -145,3 +145,9 @@ def test_the_kafka_password_never_shows_in_a_repr() -> None:
     assert "s3cret-pw" not in repr(config) and "s3cret-pw" not in repr(config.kafka)
     assert "sasl_plain_password='***'" in repr(config.kafka)
     assert "sasl_plain_password=None" in repr(load_config(None, {}).kafka)
+    serving = load_config(
+        None,
+        {"LATTICE_SERVE_API_KEYS": "k-one,k-two", "LATTICE_SINK_DSN": "postgresql://u:pw@h/db"},
+    )
+    assert serving.serve.api_keys == ["k-one", "k-two"]
+    assert "k-one" not in repr(serving) and "pw@h" not in repr(serving)
