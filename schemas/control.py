@@ -74,14 +74,23 @@ class HandoffRecorded(_Command, tag="handoff", frozen=True, kw_only=True):
     offset: Annotated[int, msgspec.Meta(ge=0)]
     log_start: Annotated[int, msgspec.Meta(ge=0)]
     partitions: PositiveInt
+    # v2: backfill of this partition counts atoms (latest versions only), not events; its
+    # total is unknown until a BackfillProgress with `total` arrives (after the keys pass).
+    counted: bool = False
 
 
 class BackfillProgress(_Command, tag="backfill_progress", frozen=True, kw_only=True):
-    """Backfill of `partition` has emitted everything before `offset`."""
+    """Backfill of `partition` has emitted everything before `offset`.
+
+    v2 (`counted` handoffs): `processed` atoms embedded so far of `total` that backfill will
+    embed in all (known once the partition's keys pass is done).
+    """
 
     epoch: int = 0
     partition: Annotated[int, msgspec.Meta(ge=0)]
     offset: Annotated[int, msgspec.Meta(ge=0)]
+    processed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    total: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class WindowClosed(_Command, tag="window_closed", frozen=True, kw_only=True):

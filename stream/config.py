@@ -115,11 +115,26 @@ class BatchingConfig(_Section, frozen=True):
     micro_batch_atoms: PositiveInt = 64
     max_batch_tokens: PositiveInt = 16_384
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
-    # Live traffic first: backfill runs in chunks of about `backfill_chunk_ms` of model time,
-    # yields to the live path as soon as live atoms are waiting, and at the latest after
-    # `backfill_slice_ms`.
-    backfill_chunk_ms: PositiveInt = 25
+    # Backfill runs in steps of about `backfill_chunk_ms` of model time between live windows
+    # ([backfill] min_share says how many): a live window waits at most one step.
+    backfill_chunk_ms: PositiveInt = 100
+    # Accepted for configs written for v1; unused since the scheduler bounds every step.
     backfill_slice_ms: PositiveInt = 1000
+
+
+class BackfillSettings(_Section, frozen=True):
+    """How backfill shares the model with live traffic (CONTRACT section 8, v2)."""
+
+    # The least share of model time backfill gets while it has work, however busy live
+    # traffic is; it also gets all spare capacity. Live windows wait at most one chunk
+    # (`batching.backfill_chunk_ms`).
+    min_share: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.25
+
+
+class StateConfig(_Section, frozen=True):
+    """The on-disk state the skip rule needs (RocksDB); rebuilt from `atoms` when lost."""
+
+    dir: str = ".lattice-state"
 
 
 class RuntimeConfig(_Section, frozen=True):
@@ -191,6 +206,8 @@ class Config(_Section, frozen=True):
     models: dict[ModelName, ModelConfig] = msgspec.field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
+    backfill: BackfillSettings = BackfillSettings()
+    state: StateConfig = StateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -204,6 +221,8 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "routing": RoutingConfig,
     "limits": LimitsConfig,
     "batching": BatchingConfig,
+    "backfill": BackfillSettings,
+    "state": StateConfig,
     "runtime": RuntimeConfig,
     "output": OutputConfig,
     "metrics": MetricsConfig,

@@ -52,6 +52,8 @@ class Migration:
     handoffs: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
     log_starts: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
     backfilled: Mapping[int, int] = field(default_factory=lambda: _EMPTY)
+    counted: frozenset[int] = frozenset()  # partitions whose backfill counts atoms (v2)
+    counts: Mapping[int, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))
     query_frozen: str | None = None
     cutover_at: datetime | None = None
     window_ends_at: datetime | None = None
@@ -59,22 +61,40 @@ class Migration:
 
     @property
     def progress(self) -> Progress:
-        """processed/total of backfill events; total None until every partition has a handoff."""
-        processed = sum(
-            min(max(self.backfilled.get(p, self.log_starts[p]), self.log_starts[p]), handoff)
-            - self.log_starts[p]
-            for p, handoff in self.handoffs.items()
-        )
+        """processed/total of backfill; total None until every partition has a handoff (and,
+        for partitions that count atoms, has finished its keys pass)."""
+        processed = 0
+        total: int | None = 0
+        for partition, handoff in self.handoffs.items():
+            done, of = self._partition_progress(partition, handoff)
+            processed += done
+            total = None if total is None or of is None else total + of
         if self.partitions is None or len(self.handoffs) < self.partitions:
-            return Progress(processed=processed, total=None)
-        total = sum(self.handoffs[p] - self.log_starts[p] for p in self.handoffs)
+            total = None
         return Progress(processed=processed, total=total)
+
+    def _partition_progress(self, partition: int, handoff: int) -> tuple[int, int | None]:
+        log_start = self.log_starts[partition]
+        reached = min(max(self.backfilled.get(partition, log_start), log_start), handoff)
+        if partition not in self.counted:  # v1: events of [log start, handoff)
+            return reached - log_start, handoff - log_start
+        counts = self.counts.get(partition)
+        if reached >= handoff:  # complete: whatever was counted is processed
+            total = counts[1] if counts is not None else 0
+            return total, total
+        if counts is None:
+            return 0, None
+        return counts
 
     @property
     def backfill_done(self) -> bool:
-        """Every partition has a handoff and is backfilled up to it (total 0 counts)."""
-        progress = self.progress
-        return progress.total is not None and progress.processed >= progress.total
+        """Every partition has a handoff and is backfilled up to it (an empty range counts)."""
+        if self.partitions is None or len(self.handoffs) < self.partitions:
+            return False
+        return all(
+            self.backfilled.get(p, self.log_starts[p]) >= handoff
+            for p, handoff in self.handoffs.items()
+        )
 
     @property
     def threshold_reached(self) -> bool:
@@ -287,6 +307,8 @@ def _migration_transition(
                 state=MigrationState.IN_PROGRESS,
                 epoch=migration.epoch + 1,
                 handoffs=MappingProxyType({}),
+                counted=frozenset(),
+                counts=MappingProxyType({}),
                 partitions=None,
                 query_frozen=None,
             )
@@ -313,6 +335,7 @@ def _migration_transition(
         return replace(
             migration,
             partitions=event.partitions,
+            counted=migration.counted | {event.partition} if event.counted else migration.counted,
             handoffs=_with(migration.handoffs, event.partition, event.offset),
             log_starts=_with(
                 migration.log_starts,
@@ -323,7 +346,16 @@ def _migration_transition(
     if isinstance(event, BackfillProgress):
         _require(current in ACTIVE, "backfill progress", current)
         done = max(migration.backfilled.get(event.partition, 0), event.offset)
-        return replace(migration, backfilled=_with(migration.backfilled, event.partition, done))
+        updated = replace(migration, backfilled=_with(migration.backfilled, event.partition, done))
+        if event.total is None:
+            return updated
+        # Duplicate or late progress events merge by taking the furthest.
+        processed = min(event.processed or 0, event.total)
+        seen = migration.counts.get(event.partition)
+        if seen is not None and seen[0] > processed:
+            processed = seen[0]
+        counts = MappingProxyType({**migration.counts, event.partition: (processed, event.total)})
+        return replace(updated, counts=counts)
     raise Rejected(f"unsupported command {type(event).__name__}")
 
 

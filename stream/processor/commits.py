@@ -62,7 +62,11 @@ class Offsets:
                 lags[self._consumer.topic, partition] = max(0, highwater - processed)
         return lags
 
-    def live_waiting(self) -> bool:
-        """Live atoms are in the log past what this instance has processed (no I/O: the
-        high-water marks come with the consumer's background fetches)."""
-        return any(lag > 0 for lag in self.lag().values())
+    async def live_waiting(self) -> bool:
+        """Live atoms are in the log past what this instance has fetched (the high-water
+        marks come with the consumer's background fetches; unknown counts as waiting)."""
+        for partition in self._consumer.assignment():
+            highwater = self._consumer.highwater(partition)
+            if highwater is None or highwater > await self._consumer.position(partition):
+                return True
+        return False

@@ -19,6 +19,7 @@ import anyio
 from stream.config import Config
 from stream.core.routing import RoutingState
 from stream.embed.pool import ModelPool
+from stream.errors import ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.producer import OutputProducer
 from stream.processor.backfill import MigrationWorker
@@ -92,8 +93,15 @@ async def open_processor(
         state = await control.replay()
         context.health.control_replayed = True
         log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        writes = state.routing_config().write_models
         for model in _needed_models(state):
-            await context.models.get(model)
+            try:
+                await context.models.get(model)
+            except ModelLoadError as exc:
+                if model in writes and not _target_only(state, model):
+                    raise
+                # A migration target that cannot load fails that migration, not the processor.
+                log.error("%s (the live path fails the migration that needs it)", exc)
         context.health.models_loaded = True
         migration = await _enter(
             stack, MigrationWorker(config, control, context.stats, backfill=role != "live")
@@ -118,6 +126,12 @@ async def _enter(stack: AsyncExitStack, resource: AbstractAsyncContextManager[T]
 
     stack.push_async_exit(close)
     return entered
+
+
+def _target_only(state: RoutingState, model: str) -> bool:
+    """`model` is an active migration's target, written beside a source that still works."""
+    migration = state.active
+    return migration is not None and migration.target == model and migration.source != model
 
 
 def _needed_models(state: RoutingState) -> list[str]:

@@ -20,6 +20,7 @@ import anyio
 from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
+from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
 from stream.core.windows import partition_write_models, window_deadline
 from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
@@ -31,7 +32,11 @@ from stream.processor.window import RetryWindow, WindowProcessor
 
 log = logging.getLogger(__name__)
 
+INITIAL_BACKOFF_SECS = 0.5
 MAX_RETRY_BACKOFF_SECS = 30.0
+IDLE_FETCH_MS = 500  # longest a fetch waits for a first record when nothing else is to do
+MIN_WINDOW_ATOMS = 16  # a live window bounded for backfill's share still batches this many
+INITIAL_LIVE_SECS_PER_ATOM = 0.005
 
 
 class LiveConsumer:
@@ -57,32 +62,63 @@ class LiveConsumer:
             migration, self.offsets, sensor, max_wait=config.kafka.max_poll_interval_ms / 2000
         )
         self._fetched_at = time.monotonic()  # when the last window's fetch ended
+        self._scheduler = ShareScheduler(
+            config.backfill.min_share, config.batching.backfill_chunk_ms / 1000
+        )
+        self._live_rate = RateEstimate(INITIAL_LIVE_SECS_PER_ATOM)
+        self._backoff = INITIAL_BACKOFF_SECS
 
     async def run(self, stop: anyio.Event) -> None:
-        """Process windows until `stop` is set; the window in flight is finished first."""
+        """Process windows until `stop` is set; the window in flight is finished first.
+
+        Each turn, the scheduler picks a live window or a backfill step: live first, but
+        backfill gets at least `[backfill] min_share` of model time while it has work.
+        """
         self._consumer.subscribe(self.rebalance)
-        backoff = 0.5
+        fetched_nothing = False
         while not stop.is_set():
-            records = await self._fetch_window(stop)
+            pending = self._migration.pending(self._control.state, self._consumer)
+            # A live turn that found nothing buffered lets backfill run before the next look.
+            waiting = not fetched_nothing and await self.offsets.live_waiting()
+            decision = self._scheduler.next_step(live_waiting=waiting, backfill_pending=pending)
+            if decision.step is Step.BACKFILL and decision.budget_secs is not None:
+                await self._backfill_step(decision.budget_secs)
+                continue
+            window_atoms = self._config.batching.window_atoms
+            if decision.budget_secs is not None:  # leave backfill its share: bound the window
+                window_atoms = chunk_atoms(
+                    decision.budget_secs,
+                    self._live_rate.secs_per_unit,
+                    min_atoms=min(MIN_WINDOW_ATOMS, window_atoms),
+                    max_atoms=window_atoms,
+                )
+            records = await self._fetch_window(stop, window_atoms, wait=not pending)
+            fetched_nothing = pending and not records
             with self.rebalance.window():
-                state = await self._control.sync()
-                state = await self._migration.before_window(state, self._consumer, records)
-                if records:
-                    began = time.monotonic()
-                    try:
-                        await self._process(state, records)
-                    except RetryWindow as exc:
-                        log.error("%s; retrying the window in %.1fs", exc, backoff)
-                        self.offsets.rewind(records)
-                        await anyio.sleep(backoff)
-                        backoff = min(backoff * 2, MAX_RETRY_BACKOFF_SECS)
-                        continue
-                    backoff = 0.5
-                    await self.offsets.commit(records)
-                    self._sensor.on_window(time.monotonic() - began)
-                    self._migration.after_window(state, records)
-                if not stop.is_set():
-                    await self._backfill_step()
+                await self._live_window(records)
+
+    async def _live_window(self, records: Sequence[SourceRecord]) -> None:
+        state = await self._control.sync()
+        state = await self._migration.before_window(state, self._consumer, records)
+        if not records:
+            return
+        state = await self._migration.check_target(state, self._processor)
+        began = time.perf_counter()
+        try:
+            await self._process(state, records)
+        except RetryWindow as exc:
+            log.error("%s; retrying the window in %.1fs", exc, self._backoff)
+            self.offsets.rewind(records)
+            await anyio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_SECS)
+            return
+        self._backoff = INITIAL_BACKOFF_SECS
+        await self.offsets.commit(records)
+        await self._migration.after_window(state, records)
+        seconds = time.perf_counter() - began
+        self._sensor.on_window(seconds)
+        self._scheduler.record_live(seconds, time.monotonic())
+        self._live_rate.observe(len(records), seconds)
 
     async def _process(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
         """Embed each partition's records with that partition's write models."""
@@ -95,32 +131,31 @@ class LiveConsumer:
         for models, group in groups.items():
             await self._processor.process(group, models, migration_id)
 
-    async def _backfill_step(self) -> None:
-        try:
-            await self._migration.step(
-                await self._control.sync(),
-                self._consumer,
-                self._processor,
-                self.offsets.live_waiting,
-            )
-        except RetryWindow as exc:
-            log.error("backfill batch failed (%s); it is redone from its checkpoint", exc)
-            self._migration.forget(self._consumer.assignment())
+    async def _backfill_step(self, budget_secs: float) -> None:
+        """One bounded backfill step; it counts as in flight for a rebalance like a window."""
+        began = time.perf_counter()
+        with self.rebalance.window():
+            state = await self._control.sync()
+            await self._migration.step(state, self._consumer, self._processor, budget_secs)
+        self._scheduler.record_backfill(time.perf_counter() - began, time.monotonic())
 
-    async def _fetch_window(self, stop: anyio.Event) -> list[SourceRecord]:
-        """Fetch until the window is full or `max_wait_ms` passed since its first record."""
+    async def _fetch_window(
+        self, stop: anyio.Event, window_atoms: int, *, wait: bool
+    ) -> list[SourceRecord]:
+        """Fetch until the window is full or `max_wait_ms` passed since its first record
+        (without waiting for a first record when `wait` is false: backfill has work)."""
         batching = self._config.batching
         records: list[SourceRecord] = []
         deadline: float | None = None
-        while len(records) < batching.window_atoms and not stop.is_set():
+        while len(records) < window_atoms and not stop.is_set():
             if deadline is None:
-                timeout_ms = 500 if not self._migration.has_pending_backfill else 0
+                timeout_ms = IDLE_FETCH_MS if wait else 0
             else:  # past the deadline: only what is already buffered (timeout 0)
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             before = len(records)
             records.extend(
                 await self._consumer.fetch(
-                    timeout_ms=timeout_ms, max_records=batching.window_atoms - len(records)
+                    timeout_ms=timeout_ms, max_records=window_atoms - len(records)
                 )
             )
             if records and deadline is None:

@@ -212,7 +212,7 @@ class WindowProcessor:
         stats: ProcessorStats,
     ) -> None:
         self._config = config
-        self._models = models
+        self.models = models
         self._producer = producer
         self._inference = inference
         self.stats = stats
@@ -238,7 +238,7 @@ class WindowProcessor:
             stats=self.stats,
         )
         await window.decode()
-        embedders = [(model, await self._models.get(model)) for model in write_models]
+        embedders = [(model, await self.models.get(model)) for model in write_models]
         jobs = [await self._job(window, model, embedder) for model, embedder in embedders]
         outputs = {model: _ModelOutputs(window, model, embedder) for model, embedder in embedders}
         for model_outputs in outputs.values():  # deletes need no model: tombstones go first

@@ -51,6 +51,8 @@ def write_config(
         f'embeddings_prefix = "{prefix}.embeddings."',
         "[routing]",
         f'stable_model = "{stable}"',
+        "[state]",
+        f'dir = "{directory / "state"}"',
     ]
     if "[metrics]" not in extra:
         lines += ["[metrics]", "port = 0"]  # any free port: tests run processors side by side

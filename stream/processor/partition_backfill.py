@@ -1,0 +1,227 @@
+"""One owned partition's backfill for one migration epoch, in bounded steps.
+
+Phases, each resumable from the partition's key store (`stream/state`):
+1. **keys**: a keys-only pass over [log start, handoff) records each key's latest version
+   and whether it is a delete (no model time);
+2. **tail**: a new owner marks the keys that earlier owners wrote live in
+   [handoff, position) (streamed, never loaded whole);
+3. **emit**: [cursor, handoff) is read in order; only each key's latest version that no live
+   write followed is embedded (deletes become tombstones, superseded versions cost nothing).
+The live owner runs these steps between its live windows, in the same task that marks the
+keys it writes live, so a backfill record is never produced after a live record of the
+same key (G4).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterable
+
+import anyio
+
+from schemas.atoms import InvalidAtom, decode_atom
+from schemas.control import BackfillProgress
+from stream.config import Config
+from stream.core.records import SourceRecord
+from stream.core.routing import Migration
+from stream.core.scheduler import RateEstimate, chunk_prefix
+from stream.kafka.reader import PartitionReader
+from stream.processor.control import ControlPlane
+from stream.processor.sensors import ProcessorStats
+from stream.processor.window import WindowProcessor
+from stream.state.keypass import key_events
+from stream.state.keystore import KEYS, LIVE, PartitionKeys, Verdict
+
+log = logging.getLogger(__name__)
+
+# Records read per step of the model-free phases (keys pass, tail): one bounded fetch-sized
+# read, so a live window waits at most milliseconds behind one.
+SCAN_RECORDS = 2000
+# Records read per emission step; the model budget then decides how many are embedded.
+EMIT_READ_RECORDS = 500
+CHECKPOINT_INTERVAL_SECS = 1.0
+INITIAL_SECS_PER_BYTE = 1 / 20_000
+
+
+class Phase(enum.Enum):
+    """Where a partition's backfill stands."""
+
+    KEYS = "keys"
+    TAIL = "tail"
+    EMIT = "emit"
+    DONE = "done"
+
+
+class PartitionBackfill:
+    """The backfill of one partition this instance owns."""
+
+    def __init__(
+        self,
+        config: Config,
+        migration: Migration,
+        partition: int,
+        keys: PartitionKeys,
+        *,
+        position: int,
+        reader: PartitionReader,
+        control: ControlPlane,
+        stats: ProcessorStats,
+        rate: RateEstimate,
+    ) -> None:
+        self._config = config
+        self._migration = migration
+        self.partition = partition
+        self._keys = keys
+        self._reader = reader
+        self._control = control
+        self._stats = stats
+        self._rate = rate
+        self.handoff = migration.handoffs[partition]
+        self._log_start = migration.log_starts[partition]
+        self._tail_end = max(position, self.handoff)  # earlier owners wrote [handoff, here)
+        self._checkpointed_at = 0.0
+        reached = migration.backfilled.get(partition, self._log_start)
+        if keys.checkpoint(KEYS) is None and reached > self._log_start:
+            # An empty state (a new volume): what the control log says was done stays done.
+            counts = migration.counts.get(partition)
+            keys.restore_emitted(reached, counts[0] if counts else 0)
+
+    @property
+    def phase(self) -> Phase:
+        """The next kind of step this partition needs."""
+        if self._keys_reached() < self.handoff:
+            return Phase.KEYS
+        if self._tail_reached() < self._tail_end:
+            return Phase.TAIL
+        if self._cursor() < self.handoff:
+            return Phase.EMIT
+        return Phase.DONE
+
+    async def step(self, processor: WindowProcessor, budget_secs: float) -> None:
+        """One bounded unit of work: a keys-pass or tail read, or one emission chunk."""
+        phase = self.phase
+        if phase is Phase.KEYS:
+            await self._keys_step()
+        elif phase is Phase.TAIL:
+            await self._tail_step()
+        elif phase is Phase.EMIT:
+            await self._emit_step(processor, budget_secs)
+        if phase is not Phase.DONE and self.phase is Phase.DONE:
+            await self._checkpoint(force=True)
+
+    async def mark_live(self, atom_ids: Iterable[str], window_end: int) -> None:
+        """Keys the live path wrote at or after the handoff (before the next backfill step)."""
+        ids = list(atom_ids)
+        # The LIVE checkpoint means "every live key below it is marked": only once the tail
+        # of earlier owners is marked too.
+        checkpoint = window_end if self._tail_reached() >= self._tail_end else None
+        await anyio.to_thread.run_sync(lambda: self._keys.mark_live(ids, checkpoint=checkpoint))
+
+    def _keys_reached(self) -> int:
+        return max(self._keys.checkpoint(KEYS) or self._log_start, self._log_start)
+
+    def _tail_reached(self) -> int:
+        return max(self._keys.checkpoint(LIVE) or self.handoff, self.handoff)
+
+    def _cursor(self) -> int:
+        return max(self._keys.counts().cursor, self._log_start)
+
+    async def _keys_step(self) -> None:
+        start = self._keys_reached()
+        end = min(start + SCAN_RECORDS, self.handoff)
+        records = await self._read(start, end)
+        limit = self._config.limits.max_event_bytes
+        await anyio.to_thread.run_sync(
+            lambda: self._keys.record_history(
+                key_events(records, max_event_bytes=limit), checkpoint=end
+            )
+        )
+        if end >= self.handoff:
+            counts = self._keys.counts()
+            log.info(
+                "backfill %s partition %d: keys pass done, %d keys, %d to embed",
+                self._migration.migration_id,
+                self.partition,
+                counts.keys,
+                counts.total,
+            )
+            await self._checkpoint(force=True)
+
+    async def _tail_step(self) -> None:
+        start = self._tail_reached()
+        end = min(start + SCAN_RECORDS, self._tail_end)
+        records = await self._read(start, end)
+        ids = [a for r in records if (a := atom_id_of(r, self._config)) is not None]
+
+        def mark() -> None:
+            self._keys.mark_live(ids)
+            self._keys.set_checkpoint(LIVE, end)
+
+        await anyio.to_thread.run_sync(mark)
+
+    async def _emit_step(self, processor: WindowProcessor, budget_secs: float) -> None:
+        start = self._cursor()
+        end = min(start + EMIT_READ_RECORDS, self.handoff)
+        records = await self._read(start, end)
+        decoded = [(r, atom_id_of(r, self._config)) for r in records]
+        valid = [(r, atom_id) for r, atom_id in decoded if atom_id is not None]
+        verdicts = await anyio.to_thread.run_sync(
+            lambda: self._keys.verdicts([(atom_id, r.offset) for r, atom_id in valid])
+        )
+        chosen = [
+            (r, v) for (r, _), v in zip(valid, verdicts, strict=True) if v is not Verdict.SKIP
+        ]
+        embeds = [r for r, v in chosen if v is Verdict.EMBED]
+        fits = chunk_prefix(
+            [len(r.value or b"") for r in embeds],
+            budget_secs,
+            secs_per_byte=self._rate.secs_per_unit,
+            max_atoms=self._config.batching.window_atoms,
+        )
+        reached = end if fits == len(embeds) else embeds[fits].offset
+        batch = [r for r, _ in chosen if r.offset < reached]
+        if batch:
+            began = time.perf_counter()
+            target = self._migration.target
+            await processor.process(batch, (target,), self._migration.migration_id, path="backfill")
+            embedded = [r for r in batch if r in embeds]
+            self._rate.observe(
+                sum(len(r.value or b"") for r in embedded), time.perf_counter() - began
+            )
+        embedded_count = sum(1 for r in embeds if r.offset < reached)
+        await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
+        self._stats.backfilled_events += sum(1 for r in records if r.offset < reached)
+        await self._checkpoint(force=reached >= self.handoff)
+
+    async def _checkpoint(self, *, force: bool = False) -> None:
+        """Progress in the control log: at most once a second, always at phase ends."""
+        now = time.monotonic()
+        if not force and now - self._checkpointed_at < CHECKPOINT_INTERVAL_SECS:
+            return
+        counts = self._keys.counts()
+        counted = self._keys_reached() >= self.handoff
+        await self._control.append(
+            BackfillProgress(
+                migration_id=self._migration.migration_id,
+                epoch=self._migration.epoch,
+                partition=self.partition,
+                offset=self._cursor(),
+                processed=counts.emitted if counted else None,
+                total=counts.total if counted else None,
+            )
+        )
+        self._checkpointed_at = now
+
+    async def _read(self, start: int, end: int) -> list[SourceRecord]:
+        return await self._reader.read(self._config.topics.atoms, self.partition, start, end)
+
+
+def atom_id_of(record: SourceRecord, config: Config) -> str | None:
+    """The atom a record is about, or None when it is invalid (skipped by backfill)."""
+    try:
+        limit = config.limits.max_event_bytes
+        return decode_atom(record.key, record.value, max_event_bytes=limit).atom_id
+    except InvalidAtom:
+        return None
