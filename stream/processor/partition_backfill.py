@@ -82,6 +82,7 @@ class PartitionBackfill:
         self._log_start = migration.log_starts[partition]
         self._tail_end = max(position, self.handoff)  # earlier owners wrote [handoff, here)
         self._checkpointed_at = 0.0
+        self._ahead: list[SourceRecord] = []
         reached = migration.backfilled.get(partition, self._log_start)
         if keys.checkpoint(KEYS) is None and reached > self._log_start:
             # An empty state (a new volume): what the control log says was done stays done.
@@ -163,8 +164,14 @@ class PartitionBackfill:
 
     async def _emit_step(self, processor: WindowProcessor, budget_secs: float) -> None:
         start = self._cursor()
-        end = min(start + EMIT_READ_RECORDS, self.handoff)
-        records = await self._read(start, end)
+        # Read ahead once, embed as much as the budget allows, keep the rest for the next
+        # step (verdicts are taken anew each step: a live write in between wins).
+        ahead = [r for r in self._ahead if r.offset >= start]
+        end = ahead[-1].offset + 1 if ahead else start
+        if not ahead:
+            end = min(start + EMIT_READ_RECORDS, self.handoff)
+            ahead = await self._read(start, end)
+        records = ahead
         decoded = [(r, atom_id_of(r, self._config)) for r in records]
         valid = [(r, atom_id) for r, atom_id in decoded if atom_id is not None]
         verdicts = await anyio.to_thread.run_sync(
@@ -192,6 +199,7 @@ class PartitionBackfill:
             )
         embedded_count = sum(1 for r in embeds if r.offset < reached)
         await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
+        self._ahead = [r for r in records if r.offset >= reached]
         self._stats.backfilled_events += sum(1 for r in records if r.offset < reached)
         await self._checkpoint(force=reached >= self.handoff)
 
