@@ -22,10 +22,13 @@ class BackfillConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     rollback_window_secs: NonNegativeInt = 86400
 
 
-class _Command(msgspec.Struct, tag_field="command", frozen=True, kw_only=True):
-    migration_id: Identifier
+class _Event(msgspec.Struct, tag_field="command", frozen=True, kw_only=True):
     command_id: str | None = None
     issued_by: str | None = None
+
+
+class _Command(_Event, frozen=True, kw_only=True):
+    migration_id: Identifier
 
 
 class StartMigration(_Command, tag="start_migration", frozen=True):
@@ -103,5 +106,18 @@ class MigrationFailed(_Command, tag="migration_failed", frozen=True, kw_only=Tru
     reason: str
 
 
-InternalEvent = HandoffRecorded | BackfillProgress | WindowClosed | MigrationFailed
+class ModelFingerprint(_Event, tag="model_fingerprint", frozen=True, kw_only=True):
+    """The fingerprint `model` had when a processor first wrote it (the first record wins).
+
+    A processor whose configured weights or settings for `model` differ refuses to start:
+    new weights under an old name need a migration to a new name.
+    """
+
+    model: Identifier
+    fingerprint: Identifier
+
+
+InternalEvent = (
+    HandoffRecorded | BackfillProgress | WindowClosed | MigrationFailed | ModelFingerprint
+)
 ControlEvent = ControlCommand | InternalEvent

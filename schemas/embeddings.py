@@ -3,6 +3,9 @@
 JSON (the default) carries the vector as numbers. The optional msgpack encoding carries the
 same fields with `vector` as raw little-endian float32 bytes (`dim` x 4), a third the size;
 every non-null value says which it is in the `lattice.encoding` header.
+
+v2 added `model_fingerprint` (also in header `lattice.model-fingerprint`), and the atom's
+`metadata` and `created_at`; all default to None, so v1 records still decode.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ EmbeddingPath = Literal["live", "backfill"]  # how a record was made: new atom o
 Encoding = Literal["json", "msgpack"]
 
 ENCODING_HEADER = "lattice.encoding"
+FINGERPRINT_HEADER = "lattice.model-fingerprint"
 
 
 class SourceRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +48,10 @@ class EmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
     path: EmbeddingPath = "live"
     migration_id: str | None = None
     embedded_at: datetime | None = None
+    # v2: what made the vector, and the atom's own fields (absent in v1 records)
+    model_fingerprint: str | None = None
+    metadata: dict[str, str] | None = None
+    created_at: datetime | None = None
 
 
 class PackedEmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +66,10 @@ class PackedEmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
     path: EmbeddingPath = "live"
     migration_id: str | None = None
     embedded_at: datetime | None = None
+    # v2: what made the vector, and the atom's own fields (absent in v1 records)
+    model_fingerprint: str | None = None
+    metadata: dict[str, str] | None = None
+    created_at: datetime | None = None
 
 
 _json_decoder = msgspec.json.Decoder(EmbeddingRecord)

@@ -66,3 +66,5 @@ class RoutingStatus(msgspec.Struct, frozen=True, kw_only=True):
     control_offset: int | None = None
     updated_at: datetime | None = None
     last_rejection: Rejection | None = None
+    # v2: model name -> the fingerprint the control log recorded for it first
+    fingerprints: dict[str, str] | None = None

@@ -8,6 +8,7 @@ __all__ = [
     "CommitFailed",
     "ConfigError",
     "FatalKafkaError",
+    "FingerprintMismatch",
     "InvalidAtom",
     "LatticeError",
     "ModelLoadError",
@@ -24,6 +25,20 @@ class ConfigError(LatticeError):
 
 class ModelLoadError(LatticeError):
     """A configured model cannot be loaded from its directory."""
+
+
+class FingerprintMismatch(ModelLoadError):
+    """A model's weights or settings differ from the fingerprint the control log recorded."""
+
+    def __init__(self, model: str, current: str, recorded: str) -> None:
+        super().__init__(
+            f"model {model}: its weights/settings changed (fingerprint {current}, the control "
+            f"log has {recorded}); new weights under an old name need a migration to a new "
+            "model name, not a restart"
+        )
+        self.model = model
+        self.current = current
+        self.recorded = recorded
 
 
 class OverlongInput(LatticeError):

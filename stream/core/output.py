@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from schemas.embeddings import (
     ENCODING_HEADER,
+    FINGERPRINT_HEADER,
     EmbeddingPath,
     EmbeddingRecord,
     Encoding,
@@ -27,12 +28,17 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 _ENCODING_VALUES = {"json": b"json", "msgpack": b"msgpack"}
 
 
-def output_headers(model: str, source: SourceRef) -> list[tuple[str, bytes]]:
+def output_headers(
+    model: str, source: SourceRef, fingerprint: str | None = None
+) -> list[tuple[str, bytes]]:
     """Headers on every output record, tombstones included."""
-    return [
+    headers = [
         (MODEL_HEADER, model.encode("utf-8")),
         (SOURCE_OFFSET_HEADER, source.header().encode("utf-8")),
     ]
+    if fingerprint is not None:
+        headers.append((FINGERPRINT_HEADER, fingerprint.encode("utf-8")))
+    return headers
 
 
 def embedding_output(
@@ -45,9 +51,16 @@ def embedding_output(
     path: EmbeddingPath,
     migration_id: str | None,
     embedded_at: datetime,
+    fingerprint: str | None = None,
+    metadata: dict[str, str] | None = None,
+    created_at: datetime | None = None,
     encoding: Encoding = "json",
 ) -> OutRecord:
-    """An EmbeddingRecord for one atom under one model, in the configured encoding."""
+    """An EmbeddingRecord for one atom under one model, in the configured encoding.
+
+    `fingerprint` names the model's weights and settings (field and header); `metadata` and
+    `created_at` are the atom's own, copied through.
+    """
     fields: dict[str, Any] = {
         "atom_id": atom_id,
         "model": model,
@@ -57,17 +70,23 @@ def embedding_output(
         "path": path,
         "migration_id": migration_id,
         "embedded_at": embedded_at,
+        "model_fingerprint": fingerprint,
+        "metadata": metadata,
+        "created_at": created_at,
     }
     if encoding == "msgpack":
         packed = vector.astype("<f4", copy=False).tobytes()
         value = _msgpack_encoder.encode(PackedEmbeddingRecord(vector=packed, **fields))
     else:
         value = _json_encoder.encode(EmbeddingRecord(vector=vector.tolist(), **fields))
-    headers = output_headers(model, source)
+    headers = output_headers(model, source, fingerprint)
     headers.append((ENCODING_HEADER, _ENCODING_VALUES[encoding]))
     return OutRecord(key=atom_id.encode("utf-8"), value=value, headers=headers)
 
 
-def tombstone_output(*, atom_id: str, model: str, source: SourceRef) -> OutRecord:
+def tombstone_output(
+    *, atom_id: str, model: str, source: SourceRef, fingerprint: str | None = None
+) -> OutRecord:
     """A null value for a deleted atom."""
-    return OutRecord(key=atom_id.encode("utf-8"), value=None, headers=output_headers(model, source))
+    headers = output_headers(model, source, fingerprint)
+    return OutRecord(key=atom_id.encode("utf-8"), value=None, headers=headers)

@@ -19,6 +19,7 @@ from schemas.control import (
     Finalize,
     HandoffRecorded,
     MigrationFailed,
+    ModelFingerprint,
     PauseMigration,
     ResumeMigration,
     Rollback,
@@ -36,6 +37,7 @@ from schemas.routing import (
 
 ACTIVE = (MigrationState.IN_PROGRESS, MigrationState.PAUSED, MigrationState.FAILED)
 _EMPTY: Mapping[int, int] = MappingProxyType({})
+_NO_FINGERPRINTS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,8 @@ class RoutingState:
     control_offset: int | None = None
     updated_at: datetime | None = None
     last_rejection: Rejection | None = None
+    # The fingerprint each model name had when first written (the first record wins).
+    fingerprints: Mapping[str, str] = field(default_factory=lambda: _NO_FINGERPRINTS)
 
     @property
     def active(self) -> Migration | None:
@@ -194,6 +198,7 @@ class RoutingState:
             control_offset=self.control_offset,
             updated_at=self.updated_at,
             last_rejection=self.last_rejection,
+            fingerprints=dict(sorted(self.fingerprints.items())) or None,
         )
 
 
@@ -224,7 +229,7 @@ def apply(state: RoutingState, event: ControlEvent, offset: int, at: datetime) -
             last_rejection=Rejection(
                 command=type(event).__struct_config__.tag,  # type: ignore[arg-type]
                 command_id=event.command_id,
-                migration_id=event.migration_id,
+                migration_id=getattr(event, "migration_id", None),
                 reason=rejected.reason,
                 at=at,
             ),
@@ -242,7 +247,26 @@ def reject_malformed(state: RoutingState, offset: int, at: datetime, reason: str
     )
 
 
+def _record_fingerprint(state: RoutingState, event: ModelFingerprint) -> RoutingState:
+    """The first fingerprint recorded for a model name stays; a different one is refused.
+
+    Instances starting together may each append the same record: the copies are harmless.
+    """
+    recorded = state.fingerprints.get(event.model)
+    if recorded == event.fingerprint:
+        return state
+    if recorded is not None:
+        raise Rejected(
+            f"model {event.model} has fingerprint {recorded} in the control log; "
+            f"{event.fingerprint} needs a new model name"
+        )
+    fingerprints = MappingProxyType({**state.fingerprints, event.model: event.fingerprint})
+    return replace(state, fingerprints=fingerprints)
+
+
 def _transition(state: RoutingState, event: ControlEvent, at: datetime) -> RoutingState:
+    if isinstance(event, ModelFingerprint):
+        return _record_fingerprint(state, event)
     if isinstance(event, StartMigration):
         return _start(state, event)
     migration = state.migration

@@ -88,6 +88,7 @@ class Embedder:
         self.device = device
         self.micro_batch_atoms = micro_batch_atoms
         self.max_batch_tokens = max_batch_tokens
+        self.fingerprint: str | None = None  # set by the ModelPool that loads it
         self._lock = threading.Lock()
         with _LOAD_LOCK:
             self._tokenizer, self._model = _load(name, config, device, dtype, compile)

@@ -1,12 +1,23 @@
-"""The processor's loaded models, loaded once on first use in a worker thread."""
+"""The processor's loaded models, loaded once on first use in a worker thread.
+
+Each model's fingerprint (`stream.embed.fingerprint`) is hashed once, off the event loop,
+before the model loads; the embedder carries it, so every output names what made it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import anyio
 
 from stream.config import Config
-from stream.embed.embedder import Embedder
-from stream.errors import ModelLoadError
+from stream.embed.embedder import Embedder, check_model_source
+from stream.embed.fingerprint import model_directory, model_fingerprint
+from stream.errors import FingerprintMismatch, ModelLoadError
+
+
+def _nothing_recorded(name: str) -> str | None:
+    return None
 
 
 class ModelPool:
@@ -15,10 +26,44 @@ class ModelPool:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._loaded: dict[str, Embedder] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._recorded: Callable[[str], str | None] = _nothing_recorded
         self._lock = anyio.Lock()
 
+    def check_against(self, recorded: Callable[[str], str | None]) -> None:
+        """From now on, refuse to load a model whose fingerprint differs from `recorded(name)`
+        (the control log's record; None: nothing recorded yet)."""
+        self._recorded = recorded
+
+    async def fingerprint(self, name: str) -> str:
+        """The model's fingerprint, hashed once per pool in a worker thread.
+
+        Raises `ModelLoadError` when the model is not configured or has no weights.
+        """
+        if name not in self._fingerprints:
+            model = self._config.models.get(name)
+            if model is None:
+                raise ModelLoadError(f"model {name}: not configured")
+
+            def hash_model() -> str:
+                check_model_source(name, model)  # the clearer message for a bad directory
+                return model_fingerprint(model_directory(name, model), model)
+
+            self._fingerprints[name] = await anyio.to_thread.run_sync(hash_model)
+        return self._fingerprints[name]
+
+    def check(self, name: str, fingerprint: str) -> None:
+        """Raise `FingerprintMismatch` when the control log has another fingerprint for `name`."""
+        recorded = self._recorded(name)
+        if recorded is not None and recorded != fingerprint:
+            raise FingerprintMismatch(name, fingerprint, recorded)
+
     async def get(self, name: str) -> Embedder:
-        """The embedder for `name`, loading it (off the event loop) if needed."""
+        """The embedder for `name`, loading it (off the event loop) if needed.
+
+        Raises `ModelLoadError`, or `FingerprintMismatch` (before loading) when the weights
+        differ from the ones the control log recorded under this name.
+        """
         if name in self._loaded:
             return self._loaded[name]
         async with self._lock:
@@ -31,8 +76,10 @@ class ModelPool:
                 model = self._config.models.get(name)
                 if model is None:
                     raise ModelLoadError(f"model {name}: not configured")
+                fingerprint = await self.fingerprint(name)
+                self.check(name, fingerprint)
                 batching = self._config.batching
-                self._loaded[name] = await anyio.to_thread.run_sync(
+                embedder = await anyio.to_thread.run_sync(
                     lambda: Embedder(
                         name,
                         model,
@@ -43,4 +90,6 @@ class ModelPool:
                         max_batch_tokens=batching.max_batch_tokens,
                     )
                 )
+                embedder.fingerprint = fingerprint
+                self._loaded[name] = embedder
         return self._loaded[name]

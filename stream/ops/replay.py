@@ -21,6 +21,7 @@ from stream.kafka.admin import Admin
 from stream.kafka.producer import OutputProducer
 from stream.kafka.reader import PartitionReader
 from stream.ops.progress import progress_line
+from stream.processor.control import ControlPlane
 from stream.processor.inference import Inference
 from stream.processor.sensors import ProcessorStats, Sensor
 from stream.processor.topics import prepare_topics
@@ -78,6 +79,10 @@ async def replay(
         ends = await _resolve(reader, config, to_offsets, to_time, log_ends)
         total = sum(max(ends[p] - starts[p], 0) for p in partitions)
         models = ModelPool(config)
+        async with ControlPlane(config) as control:  # weights the log knows under this name
+            await control.replay()
+        recorded = dict(control.state.fingerprints)
+        models.check_against(recorded.get)
         stats = ProcessorStats()
         inference = Inference(config.batching, stats, Sensor())
         processor = WindowProcessor(config, models, producer, inference, stats)

@@ -1,7 +1,8 @@
 """The processor's context: every long-lived piece, built once at start-up.
 
 `open_processor` enters the pieces in start-up order on one `AsyncExitStack` (control log
-replayed, then the models the routing needs, then the clients of the live path) and closes
+replayed, model fingerprints checked and recorded, then the models the routing needs, then
+the clients of the live path) and closes
 them in reverse, each shielded and bounded, so a cancelled run still leaves the group
 cleanly. The context fills as start-up proceeds; /metrics and /readyz read it meanwhile.
 """
@@ -16,10 +17,11 @@ from typing import TypeVar
 
 import anyio
 
+from schemas.control import ModelFingerprint
 from stream.config import Config
 from stream.core.routing import RoutingState
 from stream.embed.pool import ModelPool
-from stream.errors import ModelLoadError
+from stream.errors import FingerprintMismatch, ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.producer import OutputProducer
 from stream.processor.backfill import MigrationWorker
@@ -93,6 +95,7 @@ async def open_processor(
         state = await control.replay()
         context.health.control_replayed = True
         log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        state = await record_fingerprints(control, context.models, config)
         writes = state.routing_config().write_models
         for model in _needed_models(state):
             try:
@@ -114,6 +117,53 @@ async def open_processor(
         processor = WindowProcessor(config, context.models, producer, inference, context.stats)
         context.live = LiveConsumer(config, consumer, processor, control, migration, sensor)
         yield context.live, control
+
+
+async def record_fingerprints(
+    control: ControlPlane, models: ModelPool, config: Config
+) -> RoutingState:
+    """Check the configured models against the control log's fingerprints; record new ones.
+
+    A model the routing writes or migrates to whose fingerprint differs from the log's
+    raises `FingerprintMismatch` (the processor does not start). Every configured model
+    the log has no fingerprint for yet is recorded now, before the first atom, so the log
+    holds the weights a name had when first written. Instances that start together may
+    append the same record twice (the first wins), or race with different weights: the
+    log is read again after appending, and a loser refuses to start. From here on `models`
+    refuses to load a model whose fingerprint differs from the log's (a migration target
+    that changed since).
+    """
+    models.check_against(lambda name: control.state.fingerprints.get(name))
+    state = control.state
+    needed = _needed_models(state)
+    current: dict[str, str] = {}
+    for name in config.models:
+        try:
+            current[name] = await models.fingerprint(name)
+        except ModelLoadError as exc:
+            if name in needed:
+                raise
+            log.warning("model %s: not fingerprinted (%s); recorded at a later start", name, exc)
+    for name in needed:
+        models.check(name, current[name])
+    missing = sorted(name for name in current if name not in state.fingerprints)
+    for name in missing:
+        offset = await control.append(ModelFingerprint(model=name, fingerprint=current[name]))
+        log.info(
+            "model %s: fingerprint %s recorded at control offset %d", name, current[name], offset
+        )
+    if missing:
+        state = await control.replay()
+        for name in needed:
+            models.check(name, current[name])
+    for name, fingerprint in current.items():
+        recorded = state.fingerprints.get(name)
+        if name not in needed and recorded not in (None, fingerprint):
+            log.warning(
+                "%s; the routing does not write it now, and loading it for a migration fails",
+                FingerprintMismatch(name, fingerprint, recorded),
+            )
+    return state
 
 
 async def _enter(stack: AsyncExitStack, resource: AbstractAsyncContextManager[T]) -> T:

@@ -114,11 +114,16 @@ class Window:
                 path=self.path,
                 migration_id=self.migration_id,
                 embedded_at=datetime.now(UTC),
+                fingerprint=embedder.fingerprint,
+                metadata=event.metadata,
+                created_at=event.created_at,
                 encoding=self._config.output.encoding,
             )
             self._stats.outputs[model, self.path] += 1
         else:
-            output = tombstone_output(atom_id=event.atom_id, model=model, source=source)
+            output = tombstone_output(
+                atom_id=event.atom_id, model=model, source=source, fingerprint=embedder.fingerprint
+            )
             self._stats.tombstones[model] += 1
         try:
             ack = await self._producer.send(self._config.topics.embeddings(model), output)

@@ -20,7 +20,6 @@ from anyio.abc import TaskGroup, TaskStatus
 from schemas.routing import RoutingPhase
 from stream.config import Config
 from stream.core.routing import RoutingState, initial_state
-from stream.embed.fingerprint import model_directory, model_fingerprint
 from stream.embed.pool import ModelPool
 from stream.errors import LatticeError
 from stream.processor.control import ControlPlane
@@ -153,10 +152,7 @@ class EmbeddingService:
     async def fingerprint(self, name: str) -> str:
         """The model's fingerprint (hashed once per process, in a worker thread)."""
         if name not in self._fingerprints:
-            model = self.config.models[name]
-            self._fingerprints[name] = await anyio.to_thread.run_sync(
-                lambda: model_fingerprint(model_directory(name, model), model)
-            )
+            self._fingerprints[name] = await self.pool.fingerprint(name)
         return self._fingerprints[name]
 
     async def _preload_as_routing_changes(self, control: ControlPlane) -> None:

@@ -13,10 +13,9 @@ from datetime import datetime
 
 import msgspec
 
-from schemas.embeddings import ENCODING_HEADER, decode_embedding
+from schemas.embeddings import ENCODING_HEADER, FINGERPRINT_HEADER, decode_embedding
 
 SOURCE_OFFSET_HEADER = "lattice.source-offset"
-FINGERPRINT_HEADER = "lattice.model-fingerprint"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +57,6 @@ class BadRecord(ValueError):
     """A record the sink cannot apply (no key, undecodable value); it is skipped, logged."""
 
 
-class _Extras(msgspec.Struct, kw_only=True):
-    """Fields newer processors add to EmbeddingRecord (v2); absent in older records."""
-
-    model_fingerprint: str | None = None
-    metadata: dict[str, str] | None = None
-    created_at: datetime | None = None
-
-
 def parse_source_offset(text: str) -> SourceOffset:
     """`<topic>/<partition>/<offset>` (topic names cannot hold '/')."""
     topic, partition, offset = text.rsplit("/", 2)
@@ -96,11 +87,6 @@ def to_change(
     encoding = header.get(ENCODING_HEADER)
     try:
         record = decode_embedding(value, encoding)
-        extras = (
-            msgspec.json.decode(value, type=_Extras)
-            if encoding in (None, "json")
-            else msgspec.msgpack.decode(value, type=_Extras)
-        )
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise BadRecord(f"not an EmbeddingRecord: {exc}") from exc
     if record.atom_id != atom_id:
@@ -113,10 +99,10 @@ def to_change(
             offset=record.source.offset,
         ),
         vector=record.vector,
-        fingerprint=extras.model_fingerprint or header.get(FINGERPRINT_HEADER),
+        fingerprint=record.model_fingerprint or header.get(FINGERPRINT_HEADER),
         migration_id=record.migration_id,
         path=record.path,
         embedded_at=record.embedded_at,
-        metadata=extras.metadata,
-        created_at=extras.created_at,
+        metadata=record.metadata,
+        created_at=record.created_at,
     )

@@ -16,6 +16,7 @@ from schemas.control import (
     Finalize,
     HandoffRecorded,
     MigrationFailed,
+    ModelFingerprint,
     PauseMigration,
     ResumeMigration,
     Rollback,
@@ -175,6 +176,33 @@ def test_illegal_commands_are_rejected_with_a_reason() -> None:
         assert after.migration == state.migration
 
 
+def test_the_first_fingerprint_of_a_model_name_wins() -> None:
+    first = ModelFingerprint(model="a", fingerprint="sha256:1")
+    state = replay([first, ModelFingerprint(model="b", fingerprint="sha256:2"), first])
+    assert state.fingerprints == {"a": "sha256:1", "b": "sha256:2"}
+    assert state.last_rejection is None, "a copy from an instance starting alongside is harmless"
+    assert state.status().fingerprints == {"a": "sha256:1", "b": "sha256:2"}
+    after = apply(state, ModelFingerprint(model="a", fingerprint="sha256:9"), 3, T0)
+    assert after.fingerprints == state.fingerprints
+    assert after.last_rejection is not None
+    assert (after.last_rejection.command, after.last_rejection.migration_id) == (
+        "model_fingerprint",
+        None,
+    )
+    assert after.last_rejection.reason == (
+        "model a has fingerprint sha256:1 in the control log; sha256:9 needs a new model name"
+    )
+    assert after.control_offset == 3 and routing_part(after) == routing_part(state)
+
+
+def test_fingerprints_do_not_touch_the_routing() -> None:
+    migrating = replay([begin(), handoff(0, 10)])
+    state = replay([ModelFingerprint(model="b", fingerprint="sha256:2")], start=migrating)
+    assert routing_part(state)[:4] == routing_part(migrating)[:4]
+    assert state.fingerprints == {"b": "sha256:2"}
+    assert initial_state("a", MODELS).status().fingerprints is None
+
+
 # -- properties over random control logs ------------------------------------------------------
 
 ids = st.sampled_from(["m1", "m2"])
@@ -209,11 +237,22 @@ commands = st.one_of(
     st.builds(
         BackfillProgress, migration_id=ids, partition=st.integers(0, 1), offset=st.integers(0, 20)
     ),
+    st.builds(
+        ModelFingerprint,
+        model=st.sampled_from(["a", "b"]),
+        fingerprint=st.sampled_from(["sha256:1", "sha256:2"]),
+    ),
 )
 
 
 def routing_part(state: RoutingState) -> tuple[object, ...]:
-    return (state.stable_model, state.migration, state.used_ids, state.routing_config())
+    return (
+        state.stable_model,
+        state.migration,
+        state.used_ids,
+        state.routing_config(),
+        dict(state.fingerprints),
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -240,6 +279,8 @@ def test_random_logs(events: list[ControlEvent]) -> None:
             assert not previous.window_closed, "rollback only inside the window"
         if state.last_rejection is not before.last_rejection:
             assert routing_part(state) == routing_part(before), "a rejection changes nothing"
+        for model, fingerprint in before.fingerprints.items():
+            assert state.fingerprints[model] == fingerprint, "a recorded fingerprint never changes"
         phase_window = config.phase is RoutingPhase.ROLLBACK_WINDOW
         completed_open = (
             state.migration is not None

@@ -1,4 +1,4 @@
-"""Schemas: v1 samples decode, round trips, and every validation rule with its message."""
+"""Schemas: v1 and v2 samples decode, round trips, and every validation rule with its message."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from schemas import (
     decode_atom,
     decode_embedding,
 )
+from schemas.control import ControlEvent, ModelFingerprint
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
+SAMPLES_V2 = SAMPLES.parent / "v2"
 
 
 def decode(value: bytes | None, key: bytes | None = b"a", limit: int = 4096) -> object:
@@ -58,6 +60,42 @@ def test_v1_samples_decode() -> None:
     assert status.phase is RoutingPhase.MIGRATING and status.last_rejection is not None
 
 
+def test_v1_embedding_records_decode_without_the_v2_fields() -> None:
+    for encoding, name in (
+        ("json", "embedding_record.json"),
+        ("msgpack", "embedding_record.msgpack"),
+    ):
+        record = decode_embedding((SAMPLES / name).read_bytes(), encoding)
+        assert (record.model_fingerprint, record.metadata, record.created_at) == (None, None, None)
+
+
+def test_v2_samples_decode() -> None:
+    record = decode_embedding((SAMPLES_V2 / "embedding_record.json").read_bytes())
+    assert record.model_fingerprint is not None and record.model_fingerprint.startswith("sha256:")
+    assert record.metadata == {"tenant": "t1"}
+    assert record.created_at is not None and record.created_at.utcoffset() is not None
+    packed = decode_embedding(
+        (SAMPLES_V2 / "embedding_record.msgpack").read_bytes(), encoding="msgpack"
+    )
+    assert packed.vector == [float(np.float32(x)) for x in record.vector]
+    assert msgspec.structs.replace(packed, vector=record.vector) == record
+    events = [
+        msgspec.json.decode(line, type=ControlEvent)
+        for line in (SAMPLES_V2 / "control_events.jsonl").read_bytes().splitlines()
+    ]
+    assert events == [ModelFingerprint(model="minilm", fingerprint=record.model_fingerprint)]
+    status = msgspec.json.decode(
+        (SAMPLES_V2 / "routing_status.json").read_bytes(), type=RoutingStatus
+    )
+    assert status.fingerprints is not None
+    assert status.fingerprints["minilm"] == record.model_fingerprint
+    v1_status = msgspec.json.decode(
+        (SAMPLES / "routing_status.json").read_bytes(), type=RoutingStatus
+    )
+    assert v1_status.fingerprints is None
+    assert msgspec.structs.replace(status, fingerprints=None) == v1_status
+
+
 def test_msgpack_sample_decodes_to_the_json_sample_at_float32() -> None:
     from_json = decode_embedding((SAMPLES / "embedding_record.json").read_bytes())
     from_msgpack = decode_embedding(
@@ -90,10 +128,11 @@ def test_backfill_defaults_are_the_original_design() -> None:
 
 
 def test_round_trips() -> None:
-    for sample in ("embedding_record.json", "routing_status.json"):
-        kind = EmbeddingRecord if sample.startswith("embedding") else RoutingStatus
-        value = msgspec.json.decode((SAMPLES / sample).read_bytes(), type=kind)
-        assert msgspec.json.decode(msgspec.json.encode(value), type=kind) == value
+    for directory in (SAMPLES, SAMPLES_V2):
+        for sample in ("embedding_record.json", "routing_status.json"):
+            kind = EmbeddingRecord if sample.startswith("embedding") else RoutingStatus
+            value = msgspec.json.decode((directory / sample).read_bytes(), type=kind)
+            assert msgspec.json.decode(msgspec.json.encode(value), type=kind) == value
 
 
 def test_null_optional_fields_count_as_absent_and_unknown_fields_are_ignored() -> None:

@@ -6,14 +6,18 @@ send failures can be checked exactly; the integration tests run the real produce
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
+from schemas.embeddings import decode_embedding
 from stream.config import Config, ModelConfig
 from stream.core.records import SourceRecord
+from stream.embed.fingerprint import model_fingerprint
 from stream.embed.pool import ModelPool
 from stream.errors import RecordRejected, SendFailed
 from stream.processor.inference import Inference
@@ -121,3 +125,43 @@ async def test_invalid_events_are_one_dead_letter_each_on_the_live_path_only(
     await backfill.process(records, ("a",), "m1", path="backfill")
     assert backfill_producer.keys("embed.dlq") == []
     assert backfill_producer.keys("embeddings.a") == [b"k"]
+
+
+async def test_outputs_carry_the_fingerprint_and_the_atoms_metadata(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    created_at = "2026-11-27T10:00:00+00:00"
+    records = [
+        record(
+            0,
+            "k",
+            {
+                "type": "atom.created",
+                "atom_id": "k",
+                "text": "text",
+                "metadata": {"tenant": "t1"},
+                "created_at": created_at,
+            },
+        ),
+        created(1, "plain", "no metadata"),
+        record(2, "gone", None),
+    ]
+    producer = FakeProducer()
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    await processor.process(records, ("a", "b"), None)
+    fingerprints = {}
+    for model, path in (("a", tiny_model), ("b", tiny_model_b)):
+        expected = await anyio.to_thread.run_sync(
+            model_fingerprint, path, ModelConfig(path=str(path))
+        )
+        fingerprints[model] = expected
+        sent = [r for topic, r in producer.sent if topic == f"embeddings.{model}"]
+        assert [r.key for r in sent] == [b"gone", b"k", b"plain"], "tombstones go first"
+        for out in sent:
+            assert dict(out.headers)["lattice.model-fingerprint"] == expected.encode()
+        with_metadata, plain = (decode_embedding(r.value or b"") for r in sent[1:])
+        assert with_metadata.model_fingerprint == plain.model_fingerprint == expected
+        assert with_metadata.metadata == {"tenant": "t1"}
+        assert with_metadata.created_at == datetime.fromisoformat(created_at)
+        assert (plain.metadata, plain.created_at) == (None, None)
+    assert fingerprints["a"] != fingerprints["b"]
