@@ -219,7 +219,7 @@ def _load(
         model.to(device=torch.device(device), dtype=getattr(torch, dtype))
         if compile:  # compiles lazily, at the first batch of each new shape family
             model = torch.compile(model, dynamic=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # a bad directory fails in many ways: one line for all of them
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {name}: cannot load {source}: {first_line}") from exc
     if not getattr(tokenizer, "is_fast", False):
