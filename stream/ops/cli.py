@@ -196,9 +196,11 @@ def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
     demo = commands.add_parser(
         "demo",
         parents=[common],
-        help="start a local broker, embed sample atoms with MiniLM, answer example queries",
+        help="start a local broker, ingest sample atoms into a pgvector sink, migrate to a "
+        "second model while ingesting, and query through serve before the threshold, after it "
+        "and after a rollback",
     )
-    demo.add_argument("--atoms", type=int, default=300, help="how many sample atoms (default 300)")
+    demo.add_argument("--atoms", type=int, default=200, help="how many sample atoms (default 200)")
     demo.add_argument(
         "--keep-broker", action="store_true", help="leave the local broker running afterwards"
     )
