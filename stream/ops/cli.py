@@ -182,6 +182,24 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="ATOMS",
         help="also measure peak resident memory while draining a backlog of ATOMS",
     )
+    bench.add_argument(
+        "--serve",
+        action="store_true",
+        help="also measure the embeddings API (serve, in this process on a free loopback port): "
+        "requests/s and p50/p99 with 1, 16 and 64 concurrent clients",
+    )
+    bench.add_argument(
+        "--serve-requests",
+        type=int,
+        default=512,
+        help="requests per --serve concurrency level (default 512)",
+    )
+    bench.add_argument(
+        "--serve-secs",
+        type=float,
+        default=20.0,
+        help="time limit per --serve concurrency level in seconds (default 20)",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(

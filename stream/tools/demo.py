@@ -134,7 +134,12 @@ def run_demo(config: Config, *, atoms: int, keep_broker: bool) -> int:
             _print(STAND_IN)
         result = anyio.run(
             functools.partial(
-                migration_demo, config, atoms=atoms, target=SECOND_MODEL, progress=_progress
+                migration_demo,
+                config,
+                atoms=atoms,
+                target=SECOND_MODEL,
+                say=_print,
+                progress=_progress,
             )
         )
     except* (DemoFailed, TimeoutError) as group:
@@ -188,7 +193,8 @@ async def migration_demo(
     on, asking the queries through the API before the threshold, after it and after a
     rollback. The store is `[sink] dsn`; the broker and topics are the config's."""
     source = config.routing.stable_model
-    texts = sample_texts(atoms + max(32, atoms))
+    # Imports the modules whose docstrings it reads: file I/O, off the event loop.
+    texts = await anyio.to_thread.run_sync(sample_texts, atoms + max(32, atoms))
     corpus = Corpus(texts[:atoms], texts[atoms:])
     async with Admin(config.kafka) as admin:
         await admin.ensure_topics([TopicSpec(config.topics.atoms, 3, 1)])
@@ -231,7 +237,11 @@ async def migration_demo(
                 migration = _Migration(config, service, source, target, say, step_secs)
                 await migration.run(search, result, threshold, rollback_window_secs)
                 ingesting.cancel_scope.cancel()
-                result.ingested = corpus.counts
+            result.ingested = corpus.counts
+            async with await psycopg.AsyncConnection.connect(
+                config.sink.dsn, autocommit=True
+            ) as db:
+                search.db = db
                 await _final_check(config, corpus, commits, search, result, step_secs)
             serving.cancel_scope.cancel()
         stop_processor.set()
@@ -346,7 +356,10 @@ class Search:
 
     async def round(self, label: str, expected: str, status: RoutingStatus) -> Round:
         progress = status.progress
-        done = "" if progress is None else f", backfill {progress.processed}/{progress.total}"
+        done = ""
+        if progress is not None:
+            total = "unknown" if progress.total is None else progress.total
+            done = f", backfill {progress.processed}/{total}"
         self.say(
             f"\n== {label}: phase {status.phase}, state {status.state}, query model "
             f"{status.query_model}{done}"
@@ -426,21 +439,23 @@ class Corpus:
         await producer.flush()
 
     async def keep_ingesting(self, config: Config, producer: OutputProducer, rate: float) -> None:
-        """Creates, updates and deletes in turn at `rate` events/s, until cancelled."""
+        """Creates, updates and deletes in turn at `rate` events/s, until cancelled; texts
+        replaced or deleted go back to the reserve, so the corpus keeps its size."""
         began = time.monotonic()
         for n in range(1_000_000):
             kind = ("create", "update", "delete")[n % 3]
-            if self.live and (kind == "delete" or not self.reserve):
+            if kind == "delete" and self.live:
                 atom_id = sorted(self.live)[(n * 7) % len(self.live)]
-                del self.live[atom_id]
+                self.reserve.append(self.live.pop(atom_id))
                 await self._send(config, producer, atom_id, None)
-                kind = "delete"
             else:
                 text = self.reserve.pop(0)
-                if kind == "create" or not self.live:
-                    atom_id, self.next_id = f"doc-{self.next_id}", self.next_id + 1
-                else:
+                if kind == "update" and self.live:
                     atom_id = sorted(self.live)[(n * 11) % len(self.live)]
+                    self.reserve.append(self.live[atom_id])
+                else:
+                    kind = "create"
+                    atom_id, self.next_id = f"doc-{self.next_id}", self.next_id + 1
                 self.live[atom_id] = self.texts[atom_id] = text
                 await self._send(config, producer, atom_id, text)
             await producer.flush()
@@ -538,8 +553,16 @@ def _summary(result: DemoResult, say: Say) -> None:
         say(f"  check failed: {failure}")
 
 
+_STARTED = time.monotonic()
+
+
 def _print(message: str) -> None:
-    print(f"demo: {message}", flush=True)
+    """A step line (`demo: [ 12s] ...`); indented lines (answers, hits) print as they are."""
+    for line in message.split("\n"):
+        if not line or line.startswith(" "):
+            print(line, flush=True)
+        else:
+            print(f"demo: [{time.monotonic() - _STARTED:4.0f}s] {line}", flush=True)
 
 
 def _progress(line: str) -> None:
