@@ -182,6 +182,24 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="ATOMS",
         help="also measure peak resident memory while draining a backlog of ATOMS",
     )
+    bench.add_argument(
+        "--serve",
+        action="store_true",
+        help="also measure the embeddings API (serve, in this process on a free loopback port): "
+        "requests/s and p50/p99 with 1, 16 and 64 concurrent clients",
+    )
+    bench.add_argument(
+        "--serve-requests",
+        type=int,
+        default=512,
+        help="requests per --serve concurrency level (default 512)",
+    )
+    bench.add_argument(
+        "--serve-secs",
+        type=float,
+        default=20.0,
+        help="time limit per --serve concurrency level in seconds (default 20)",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(
@@ -196,9 +214,11 @@ def _add_demo(commands: Any, common: argparse.ArgumentParser) -> None:
     demo = commands.add_parser(
         "demo",
         parents=[common],
-        help="start a local broker, embed sample atoms with MiniLM, answer example queries",
+        help="start a local broker, ingest sample atoms into a pgvector sink, migrate to a "
+        "second model while ingesting, and query through serve before the threshold, after it "
+        "and after a rollback",
     )
-    demo.add_argument("--atoms", type=int, default=300, help="how many sample atoms (default 300)")
+    demo.add_argument("--atoms", type=int, default=200, help="how many sample atoms (default 200)")
     demo.add_argument(
         "--keep-broker", action="store_true", help="leave the local broker running afterwards"
     )

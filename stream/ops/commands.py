@@ -50,6 +50,9 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 backfill_target=args.backfill_latency,
                 backfill_live_rate=args.live_rate,
                 memory_atoms=args.memory,
+                serve_levels=(1, 16, 64) if args.serve else None,
+                serve_requests=args.serve_requests,
+                serve_secs=args.serve_secs,
             )
         )
     finally:

@@ -19,13 +19,15 @@ async def run_serve(
     *,
     host: str | None = None,
     port: int | None = None,
+    service: EmbeddingService | None = None,
     task_status: TaskStatus[int] = TASK_STATUS_IGNORED,
 ) -> None:
     """Listen first (so /readyz answers 503 while starting), then follow the control log.
 
-    Reports the bound port; runs until cancelled.
+    Reports the bound port; runs until cancelled. Pass `service` to share a model pool or
+    to wait on it (`wait_ready`, `wait_applied`) in the same process.
     """
-    service = EmbeddingService(config)
+    service = service or EmbeddingService(config)
     listen = functools.partial(
         serve_asgi,
         build_app(service),

@@ -82,6 +82,16 @@ class EmbeddingService:
         """The batchers of the models loaded so far."""
         return self._batchers
 
+    async def wait_ready(self) -> None:
+        """Return once the service is ready (`run` replayed the log, the query model loaded)."""
+        await self._ready.wait()
+
+    async def wait_applied(self, offset: int) -> RoutingState:
+        """The routing once the control record at `offset` is applied (after ready)."""
+        await self._ready.wait()
+        assert self._control is not None
+        return await self._control.wait_applied(offset)
+
     def readiness(self) -> tuple[bool, str]:
         """Whether ready, and the detail /readyz shows."""
         replayed = self._control is not None and self._control.replayed.is_set()

@@ -10,6 +10,7 @@ Ratios are taken between numbers measured in the same run, so they hold across m
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -283,6 +284,46 @@ async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> d
     }
 
 
+async def serve_throughput(
+    config: Config,
+    pool: ModelPool,
+    levels: Sequence[int],
+    *,
+    requests: int,
+    secs: float,
+    texts: int = 256,
+) -> dict[str, Any]:
+    """The embeddings API in this process on a free loopback port, against the configured
+    broker (fresh control topics: the stable model answers), measured by `bench_serve`:
+    one mixed-workload text per request, at most `requests` requests or `secs` seconds per
+    concurrency level."""
+    from stream.serve.bench import bench_serve
+    from stream.serve.server import run_serve
+    from stream.serve.service import EmbeddingService
+
+    config = _fresh(config, "serve")
+    service = EmbeddingService(config, pool=pool)
+    async with anyio.create_task_group() as tasks:
+        port = await tasks.start(
+            functools.partial(run_serve, config, host="127.0.0.1", port=0, service=service)
+        )
+        with anyio.fail_after(120):
+            await service.wait_ready()
+        report = await bench_serve(
+            f"http://127.0.0.1:{port}",
+            workload_texts("mixed", texts, seed=11),
+            levels,
+            requests_per_level=requests,
+            max_secs_per_level=secs,
+            api_key=config.serve.api_keys[0] if config.serve.api_keys else None,
+        )
+        tasks.cancel_scope.cancel()
+    report["model"] = config.routing.stable_model
+    report["requests_per_level"] = requests
+    report["max_secs_per_level"] = secs
+    return report
+
+
 async def run_bench(
     config: Config,
     *,
@@ -295,6 +336,9 @@ async def run_bench(
     backfill_target: str | None = None,
     backfill_live_rate: float = 5.0,
     memory_atoms: int | None = None,
+    serve_levels: Sequence[int] | None = None,
+    serve_requests: int = 512,
+    serve_secs: float = 20.0,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report."""
     pool = ModelPool(config)
@@ -380,5 +424,9 @@ async def run_bench(
         )
     if memory_atoms is not None:
         report["memory"] = await memory_under_backlog(config, pool, memory_atoms)
+    if serve_levels is not None:
+        report["serve"] = await serve_throughput(
+            config, pool, serve_levels, requests=serve_requests, secs=serve_secs
+        )
     await anyio.to_thread.run_sync(write_report, report, results, out)
     return report

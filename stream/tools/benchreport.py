@@ -137,4 +137,12 @@ def format_table(report: dict[str, Any]) -> str:
             f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
             f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
         )
+    if "serve" in report:
+        from stream.serve.bench import format_serve_table
+
+        s = report["serve"]
+        lines.append(
+            f"embeddings API ({s['model']}, {s['input_type']} texts, one per request, loopback):"
+        )
+        lines.append(format_serve_table(s))
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stream.errors import BrokerUnavailable
 
-LOCAL_KAFKA = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "local-kafka"
+LOCAL_KAFKA = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "local-kafka"
 
 
 def local_bootstrap() -> str:

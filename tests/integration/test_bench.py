@@ -70,3 +70,39 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
     assert memory["model_mib"] > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "e2e/model" in done.stdout.decode()
+
+
+@pytest.mark.timeout(180)
+async def test_bench_serve_reports_each_concurrency_level(make_config: Any, tmp_path: Path) -> None:
+    _, path = make_config(unique("atoms"))
+    out = tmp_path / "bench"
+    done = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.ops.cli",
+            "bench",
+            "--config",
+            str(path),
+            "--workloads",
+            "none",
+            "--serve",
+            "--serve-requests",
+            "32",
+            "--serve-secs",
+            "10",
+            "--out",
+            str(out),
+        ],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    serve = json.loads((out / "bench.json").read_text())["serve"]
+    assert serve["model"] == "tiny"
+    assert [level["concurrency"] for level in serve["levels"]] == [1, 16, 64]
+    for level in serve["levels"]:
+        assert 0 < level["requests"] <= 32 and level["errors"] == 0, level
+        assert level["requests_per_s"] > 0
+        assert 0 < level["p50_ms"] <= level["p99_ms"]
+    stdout = done.stdout.decode()
+    assert "embeddings API" in stdout and "req/s" in stdout, stdout
