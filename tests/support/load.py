@@ -44,4 +44,3 @@ class LiveLoad:
             due = began + self.produced / self.rate
             with anyio.move_on_after(max(0.0, due - time.monotonic())):
                 await self._stop.wait()  # pacing of the offered load, not a condition wait
-
