@@ -44,8 +44,15 @@ COMMIT_ERRORS = (
 )
 
 
-def classify(exc: BaseException, what: str, bootstrap_servers: str) -> LatticeError:
-    """The `LatticeError` that stands for an aiokafka error raised while doing `what`."""
+def classify(
+    exc: BaseException,
+    what: str,
+    bootstrap_servers: str,
+    *,
+    retriable: type[LatticeError] = BrokerUnavailable,
+) -> LatticeError:
+    """The `LatticeError` that stands for an aiokafka error raised while doing `what`;
+    `retriable` is the class of what a retry may fix."""
     if isinstance(exc, LatticeError):
         return exc
     if isinstance(exc, _AUTHORIZATION_ERRORS):
@@ -57,24 +64,17 @@ def classify(exc: BaseException, what: str, bootstrap_servers: str) -> LatticeEr
     if isinstance(exc, _FATAL_ERRORS):
         return FatalKafkaError(f"{what}: {exc!r}")
     if isinstance(exc, kafka.KafkaConnectionError):
-        return BrokerUnavailable(
+        return retriable(
             f"{what}: cannot connect to Kafka at {bootstrap_servers} (unreachable, or its "
             f"TLS/SASL settings refused ours): {exc}"
         )
-    return BrokerUnavailable(f"{what}: Kafka error from {bootstrap_servers}: {exc!r}")
+    return retriable(f"{what} failed: Kafka error from {bootstrap_servers}: {exc!r}")
 
 
-def send_error(exc: BaseException, topic: str) -> LatticeError:
-    """A failed send to `topic`: `RecordRejected` for this record alone, else `SendFailed`."""
-    if isinstance(exc, LatticeError):
-        return exc
-    if isinstance(exc, _RECORD_ERRORS):
-        return RecordRejected(f"send to {topic}: the broker refused the record: {exc!r}")
-    if isinstance(exc, _AUTHORIZATION_ERRORS):
-        return NotAuthorized(f"send to {topic}: not authorized: {exc!r}")
-    if isinstance(exc, _FATAL_ERRORS):
-        return FatalKafkaError(f"send to {topic}: {exc!r}")
-    return SendFailed(f"send to {topic} failed: {exc!r}")
+def send_error(exc: BaseException, topic: str, bootstrap_servers: str) -> LatticeError:
+    """A failed send to `topic`: `RecordRejected` for this record alone, `SendFailed` when a
+    retry may succeed."""
+    return classify(exc, f"send to {topic}", bootstrap_servers, retriable=SendFailed)
 
 
 def is_client_error(exc: BaseException) -> bool:

@@ -23,11 +23,12 @@ from stream.kafka.errors import is_client_error, kafka_errors, send_error
 class Ack:
     """The broker's acknowledgement of one send; `await ack` returns the record's offset."""
 
-    __slots__ = ("_future", "_topic")
+    __slots__ = ("_bootstrap", "_future", "_topic")
 
-    def __init__(self, future: asyncio.Future[Any], topic: str) -> None:
+    def __init__(self, future: asyncio.Future[Any], topic: str, bootstrap: str) -> None:
         self._future = future
         self._topic = topic
+        self._bootstrap = bootstrap
 
     def __await__(self) -> Generator[Any, None, int]:
         return self._wait().__await__()
@@ -37,7 +38,7 @@ class Ack:
             metadata = await self._future
         except Exception as exc:
             if is_client_error(exc):
-                raise send_error(exc, self._topic) from exc
+                raise send_error(exc, self._topic, self._bootstrap) from exc
             raise
         return int(metadata.offset)
 
@@ -72,9 +73,9 @@ class OutputProducer:
             )
         except Exception as exc:
             if is_client_error(exc):
-                raise send_error(exc, topic) from exc
+                raise send_error(exc, topic, self._kafka.bootstrap_servers) from exc
             raise
-        return Ack(future, topic)
+        return Ack(future, topic, self._kafka.bootstrap_servers)
 
     async def flush(self) -> None:
         """Wait until every record sent so far has been delivered (or failed)."""

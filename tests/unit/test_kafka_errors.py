@@ -52,5 +52,5 @@ def test_authorization_says_who_refused() -> None:
     ],
 )
 def test_send_errors_say_whether_a_retry_can_help(error: Exception, expected: type) -> None:
-    classified = send_error(error, "embeddings.a")
+    classified = send_error(error, "embeddings.a", "k1:9092")
     assert type(classified) is expected and "embeddings.a" in str(classified)
