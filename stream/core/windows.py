@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
+from schemas.routing import MigrationState
 from stream.core.routing import Migration
 
 
@@ -43,3 +44,25 @@ def partition_write_models(
     if migration is None or migration.backfill.dual_write or migration.target in writes:
         return writes
     return (*writes, migration.target) if migration.writes_target(partition) else writes
+
+
+def partitions_to_backfill(
+    migration: Migration | None, assigned: Sequence[int], done: Collection[int]
+) -> list[int]:
+    """The owned partitions with backfill work, in order.
+
+    Only while the migration is in progress: a partition with a handoff until the control
+    log says it is backfilled up to it (or this instance finished it, `done`); without a
+    handoff only under `dual_write = false`, where backfill chases the live head.
+    """
+    if migration is None or migration.state is not MigrationState.IN_PROGRESS:
+        return []
+    work = []
+    for partition in assigned:
+        handoff = migration.handoffs.get(partition)
+        if handoff is None:
+            if not migration.backfill.dual_write:
+                work.append(partition)
+        elif migration.backfilled.get(partition, 0) < handoff and partition not in done:
+            work.append(partition)
+    return work

@@ -53,11 +53,11 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--role",
-        choices=("all", "live", "backfill"),
+        choices=("all", "backfill"),
         default="all",
-        help="all (default): live path plus backfill of the partitions it owns; live: live path "
-        "and handoffs only, backfill left to instances with role all; backfill: same as all "
-        "(backfill runs in the live owner of each partition, so per-key order is exact)",
+        help="all (default; backfill is an alias): every instance runs the live path and the "
+        "backfill of the partitions it owns (the live owner backfills, so per-key order is "
+        "exact and a migration completes whatever instances run)",
     )
 
 
@@ -169,6 +169,12 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         "--backfill-latency",
         metavar="MODEL",
         help="also measure live p99 idle vs while a history (4 x --atoms) is backfilled to MODEL",
+    )
+    bench.add_argument(
+        "--backfill-share",
+        metavar="MODEL",
+        help="also measure backfill's rate to MODEL against the spare capacity while live "
+        "traffic (dual-written) uses half the capacity, and live p99 against its bound",
     )
     bench.add_argument(
         "--live-rate",

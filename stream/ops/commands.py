@@ -49,6 +49,7 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 out=Path(args.out),
                 backfill_target=args.backfill_latency,
                 backfill_live_rate=args.live_rate,
+                backfill_share_target=args.backfill_share,
                 memory_atoms=args.memory,
                 serve_levels=(1, 16, 64) if args.serve else None,
                 serve_requests=args.serve_requests,

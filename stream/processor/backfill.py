@@ -23,6 +23,7 @@ from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import Migration, RoutingState
 from stream.core.scheduler import RateEstimate, chunk_atoms
+from stream.core.windows import partitions_to_backfill
 from stream.errors import ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
@@ -37,7 +38,8 @@ from stream.processor.partition_backfill import (
 )
 from stream.processor.sensors import ProcessorStats
 from stream.processor.window import RetryWindow, WindowProcessor
-from stream.state.keystore import KeyStore, StateError
+from stream.state.keystore import KeyStore
+from stream.state.rocks import StateError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class MigrationWorker:
     async def __aenter__(self) -> MigrationWorker:
         await self._reader.__aenter__()
         if self._store is None:
-            self._store = await anyio.to_thread.run_sync(self._open_store)
+            self._store = await anyio.to_thread.run_sync(open_key_store, self._config)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -85,21 +87,6 @@ class MigrationWorker:
             await self._reader.__aexit__(*exc_info)
         if self._store is not None:
             await anyio.to_thread.run_sync(self._store.close)
-
-    def _open_store(self) -> KeyStore:
-        root = Path(self._config.state.dir) / re.sub(
-            r"[^A-Za-z0-9._-]", "_", self._config.kafka.group_id
-        )
-        for slot in range(STATE_SLOTS):
-            path = root if slot == 0 else root.with_name(f"{root.name}.{slot}")
-            try:
-                store = KeyStore.open(path)
-            except StateError as exc:  # held by another processor on this machine
-                log.info("state: %s is in use (%s); trying the next slot", path, exc)
-                continue
-            log.info("state: key store in %s", path)
-            return store
-        raise StateError(f"state: no free slot under {root} ({STATE_SLOTS} in use)")
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Partitions revoked: their next owner resumes from the log and its own state."""
@@ -137,25 +124,10 @@ class MigrationWorker:
         return bool(self._work(state, consumer))
 
     def _work(self, state: RoutingState, consumer: GroupConsumer) -> list[int]:
-        migration = state.active
-        if (
-            not self._backfill_enabled
-            or migration is None
-            or migration.state is not MigrationState.IN_PROGRESS
-        ):
+        if not self._backfill_enabled:
             return []
-        work = []
-        for partition in consumer.assignment():
-            if partition not in migration.handoffs:
-                if not migration.backfill.dual_write:
-                    work.append(partition)  # chasing the live head
-                continue
-            if migration.backfilled.get(partition, 0) >= migration.handoffs[partition]:
-                continue
-            entry = self._partitions.get(partition)
-            if entry is None or entry.phase is not Phase.DONE:
-                work.append(partition)
-        return work
+        done = {p for p, entry in self._partitions.items() if entry.phase is Phase.DONE}
+        return partitions_to_backfill(state.active, consumer.assignment(), done)
 
     async def step(
         self,
@@ -198,20 +170,9 @@ class MigrationWorker:
         budget_secs: float,
     ) -> None:
         if partition not in migration.handoffs:
-            chase = self._chasing.get(partition)
-            if chase is None:
-                log_start = (await consumer.beginning_offsets([partition]))[partition]
-                chase = Chase(
-                    self._config,
-                    migration,
-                    partition,
-                    log_start=log_start,
-                    reader=self._reader,
-                    control=self._control,
-                    handoffs=self.handoffs,
-                    stats=self._stats,
-                )
-                self._chasing[partition] = chase
+            chase = self._chasing.get(partition) or await self._new_chase(
+                migration, partition, consumer
+            )
             secs_per_atom = self._rate.secs_per_unit * 200  # bytes of a typical atom
             records = chunk_atoms(
                 budget_secs, secs_per_atom, max_atoms=migration.backfill.batch_size
@@ -252,6 +213,23 @@ class MigrationWorker:
             return await self._fail(migration, str(exc))
         return state
 
+    async def _new_chase(
+        self, migration: Migration, partition: int, consumer: GroupConsumer
+    ) -> Chase:
+        log_start = (await consumer.beginning_offsets([partition]))[partition]
+        chase = Chase(
+            self._config,
+            migration,
+            partition,
+            log_start=log_start,
+            reader=self._reader,
+            control=self._control,
+            handoffs=self.handoffs,
+            stats=self._stats,
+        )
+        self._chasing[partition] = chase
+        return chase
+
     async def _fail(self, migration: Migration, reason: str) -> RoutingState:
         log.error("migration %s failed: %s", migration.migration_id, reason)
         offset = await self._control.append(
@@ -272,3 +250,20 @@ class MigrationWorker:
         self._key = key
         self._partitions.clear()
         self._chasing.clear()
+
+
+def open_key_store(config: Config) -> KeyStore:
+    """This process's key store under `[state] dir`: the group's directory, or the next free
+    slot beside it when another processor on this machine holds it (RocksDB locks)."""
+    group = re.sub(r"[^A-Za-z0-9._-]", "_", config.kafka.group_id)
+    root = Path(config.state.dir) / group
+    for slot in range(STATE_SLOTS):
+        path = root if slot == 0 else root.with_name(f"{root.name}.{slot}")
+        try:
+            store = KeyStore.open(path)
+        except StateError as exc:
+            log.info("state: %s is in use (%s); trying the next slot", path, exc)
+            continue
+        log.info("state: key store in %s", path)
+        return store
+    raise StateError(f"state: no free slot under {root} ({STATE_SLOTS} in use)")

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stream.state.keypass import RawRecord, key_events
-from stream.state.keystore import KeyStore, Tuning, Verdict
+from stream.state.keystore import KeyStore, Verdict
+from stream.state.rocks import Tuning
 
 MAX_EVENT_BYTES = 1 << 20
 WORDS = ("stream", "vector", "atom", "kafka", "model", "offset", "embedding", "partition")

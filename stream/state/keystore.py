@@ -64,7 +64,6 @@ Not thread-safe: one task (the partition's live owner) uses a `PartitionKeys` at
 from __future__ import annotations
 
 import enum
-import hashlib
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -72,10 +71,18 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar, cast
-from urllib.parse import quote
+from typing import Self, TypeVar
 
 import rocksdict
+
+from stream.state.rocks import (
+    StateError,
+    Tuning,
+    get_many,
+    migration_dir,
+    open_db,
+    rocks_options,
+)
 
 FORMAT_VERSION = 1
 
@@ -97,10 +104,6 @@ _T = TypeVar("_T")
 _COUNTERS = ("keys", "deletes", "live", "remaining", "emitted", "cursor")
 
 
-class StateError(Exception):
-    """The state directory cannot be used (locked by another process, or not this one's)."""
-
-
 class Verdict(enum.Enum):
     """What backfill does with one historical record."""
 
@@ -111,21 +114,6 @@ class Verdict(enum.Enum):
     time; a tombstone keeps the target clean of anything an earlier run left there."""
     SKIP = "skip"
     """Superseded, invalid, or written live since the handoff (the live write wins)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Tuning:
-    """RocksDB memory and disk knobs; the defaults keep RSS growth to a few tens of MB."""
-
-    cache_bytes: int = 32 << 20
-    """One LRU cache for data, index and filter blocks *and* memtables, shared by every
-    partition this store has open: the bound on the store's memory."""
-    write_buffer_bytes: int = 4 << 20
-    """Memtable size per partition (two at most; charged to the cache)."""
-    max_open_files: int = 64
-    """Per partition: table readers held open."""
-    bloom_bits_per_key: int = 10
-    max_wal_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +176,7 @@ class KeyStore:
         ident = (migration_id, epoch, partition)
         keys = self._open.get(ident)
         if keys is None:
-            path = self._root / _migration_dir(migration_id) / f"e{epoch}-p{partition}"
+            path = self._root / migration_dir(migration_id) / f"e{epoch}-p{partition}"
             keys = PartitionKeys._open(self, ident, path)
             self._open[ident] = keys
         return keys
@@ -203,7 +191,7 @@ class KeyStore:
         """Delete every epoch and partition of a migration, open or not."""
         for ident in [i for i in self._open if i[0] == migration_id]:
             self.release(*ident)
-        shutil.rmtree(self._root / _migration_dir(migration_id), ignore_errors=True)
+        shutil.rmtree(self._root / migration_dir(migration_id), ignore_errors=True)
 
     def close(self) -> None:
         for ident in list(self._open):
@@ -211,31 +199,7 @@ class KeyStore:
         self._closed = True
 
     def _options(self) -> rocksdict.Options:
-        tuning = self._tuning
-        options = rocksdict.Options(raw_mode=True)
-        options.create_if_missing(True)
-        options.set_write_buffer_size(tuning.write_buffer_bytes)
-        options.set_max_write_buffer_number(2)
-        options.set_write_buffer_manager(self._write_buffers)
-        options.set_max_open_files(tuning.max_open_files)
-        options.set_max_total_wal_size(tuning.max_wal_bytes)
-        options.set_compression_type(rocksdict.DBCompressionType.lz4())
-        options.set_keep_log_file_num(2)
-        options.set_max_log_file_size(1 << 20)
-        options.set_max_background_jobs(2)
-        table = rocksdict.BlockBasedOptions()
-        table.set_block_cache(self._cache)
-        table.set_cache_index_and_filter_blocks(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        table.set_bloom_filter(tuning.bloom_bits_per_key, False)
-        # Partitioned index and filters: a lookup loads one small partition of each, not a
-        # whole file's filter, so a cache far smaller than the data does not thrash.
-        table.set_index_type(rocksdict.BlockBasedIndexType.two_level_index_search())
-        table.set_partition_filters(True)
-        table.set_metadata_block_size(4096)
-        table.set_pin_top_level_index_and_filter(True)
-        options.set_block_based_table_factory(table)
-        return options
+        return rocks_options(self._tuning, self._cache, self._write_buffers)
 
 
 class PartitionKeys:
@@ -248,19 +212,19 @@ class PartitionKeys:
         self.ident = ident
         self._path = path
         self._db: rocksdict.Rdict | None = db
-        values = _get_many(db, [_meta(name) for name in _COUNTERS])
+        values = get_many(db, [_meta(name) for name in _COUNTERS])
         self._counts = dict(zip(_COUNTERS, (_int(v) for v in values), strict=True))
 
     @classmethod
     def _open(cls, store: KeyStore, ident: tuple[str, int, int], path: Path) -> PartitionKeys:
         identity = repr(ident).encode("utf-8")
-        db = _open_db(path, store._options())
+        db = open_db(path, store._options())
         version = db.get(_meta("format"))
         if version is not None and _int(version) != FORMAT_VERSION:
             # A cache of the log in an old layout: start over (the owner redoes the keys pass).
             db.close()
             rocksdict.Rdict.destroy(str(path), store._options())
-            db = _open_db(path, store._options())
+            db = open_db(path, store._options())
             version = None
         if version is None:
             batch = rocksdict.WriteBatch(raw_mode=True)
@@ -296,7 +260,7 @@ class PartitionKeys:
             keys = list(latest)
             batch = rocksdict.WriteBatch(raw_mode=True)
             cursor = self._counts["cursor"]
-            for key, old in zip(keys, _get_many(db, keys), strict=True):
+            for key, old in zip(keys, get_many(db, keys), strict=True):
                 offset, flags = _state(old)
                 new_offset, deleted = latest[key]
                 if flags & _HISTORY and offset >= new_offset:
@@ -325,7 +289,7 @@ class PartitionKeys:
             keys = list(dict.fromkeys(_data(atom_id) for atom_id in chunk))
             batch = rocksdict.WriteBatch(raw_mode=True)
             cursor = self._counts["cursor"]
-            for key, old in zip(keys, _get_many(db, keys), strict=True):
+            for key, old in zip(keys, get_many(db, keys), strict=True):
                 offset, flags = _state(old)
                 if flags & _LIVE:
                     continue
@@ -343,7 +307,7 @@ class PartitionKeys:
         db = self._live_db()
         verdicts = []
         for (_, offset), value in zip(
-            records, _get_many(db, [_data(atom_id) for atom_id, _ in records]), strict=True
+            records, get_many(db, [_data(atom_id) for atom_id, _ in records]), strict=True
         ):
             latest, flags = _state(value)
             if not flags & _HISTORY or flags & _LIVE or latest != offset:
@@ -436,31 +400,6 @@ class PartitionKeys:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-def _open_db(path: Path, options: rocksdict.Options) -> rocksdict.Rdict:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        return rocksdict.Rdict(str(path), options)
-    except Exception as exc:  # rocksdict raises a bare Exception for a held lock
-        raise StateError(f"cannot open the state at {path}: {exc}") from exc
-
-
-def _get_many(db: rocksdict.Rdict, keys: list[bytes]) -> list[bytes | None]:
-    """One multi-get (values are bytes: the database is in raw mode)."""
-    if not keys:
-        return []
-    values = db.get(cast(list[str | int | float | bytes | bool], keys))
-    return cast(list[bytes | None], values)
-
-
-def _migration_dir(migration_id: str) -> str:
-    """A safe directory name; a long id is cut and suffixed with its hash (the identity
-    stored in each partition's state catches anything that still collides)."""
-    name = quote(migration_id, safe="")
-    if len(name) > 120:
-        name = name[:80] + "-" + hashlib.sha256(migration_id.encode("utf-8")).hexdigest()[:32]
-    return "m-" + name
 
 
 def _chunks(items: Iterable[_T]) -> Iterator[list[_T]]:

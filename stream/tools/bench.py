@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,7 @@ from stream.processor.app import run_processor
 from stream.processor.sensors import Sensor
 from stream.processor.topics import prepare_topics
 from stream.tools.benchreport import Rate, WorkloadResult, median, write_report
-from stream.tools.workloads import LazyTexts, workload_texts
+from stream.tools.workloads import workload_texts
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def embedder_rate(embedder: Embedder, texts: Sequence[str]) -> Rate:
     return Rate(len(texts), time.perf_counter() - began, stats.tokens, stats.padded_tokens)
 
 
-async def _produce(
+async def produce_texts(
     config: Config, texts: Sequence[str], *, rate: float | None = None, prefix: str = "b"
 ) -> None:
     # The input side is a plain producer, as a client application would run it.
@@ -115,7 +114,7 @@ class CommitWatch(Sensor):
         self.assigned.set()
 
 
-def _fresh(config: Config, tag: str) -> Config:
+def fresh_run(config: Config, tag: str) -> Config:
     config = with_run_topics(config, f"bench-{tag}-{uuid.uuid4().hex[:6]}")
     return msgspec.structs.replace(
         config, metrics=msgspec.structs.replace(config.metrics, enabled=False)
@@ -131,7 +130,7 @@ async def end_to_end(
     rate: float | None = None,
 ) -> tuple[Rate, list[float]]:
     """Processor throughput from a backlog (rate None) or latencies at an offered load."""
-    config = _fresh(config, "e2e")
+    config = fresh_run(config, "e2e")
     async with Admin(config.kafka) as admin:
         await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
     await prepare_topics(config)
@@ -144,7 +143,7 @@ async def end_to_end(
         )
         await send_command(config, command)
     if rate is None:
-        await _produce(config, texts)
+        await produce_texts(config, texts)
     watch = CommitWatch(len(texts))
     stop = anyio.Event()
 
@@ -152,7 +151,7 @@ async def end_to_end(
         # Offered load starts once the processor owns the partitions, so a slow group join
         # (Kafka's initial rebalance delay, Tansu's session_timeout/2) is not counted as latency.
         await watch.assigned.wait()
-        await _produce(config, texts, rate=rate)
+        await produce_texts(config, texts, rate=rate)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
@@ -161,11 +160,11 @@ async def end_to_end(
         await watch.done.wait()
         elapsed = time.perf_counter() - watch.assigned_at
         stop.set()
-    latencies = await _latencies(config, len(texts)) if rate is not None else []
-    return Rate(len(texts), elapsed), latencies
+    measured = await latencies(config, len(texts)) if rate is not None else []
+    return Rate(len(texts), elapsed), measured
 
 
-async def _latencies(config: Config, count: int, prefix: bytes = b"") -> list[float]:
+async def latencies(config: Config, count: int, prefix: bytes = b"") -> list[float]:
     """Per atom: output record time minus input record time, in milliseconds."""
 
     async def times(topic: str) -> dict[bytes, int]:
@@ -185,105 +184,6 @@ async def _latencies(config: Config, count: int, prefix: bytes = b"") -> list[fl
     return [float(output[k] - produced[k]) for k in output if k in produced]
 
 
-async def backfill_latency(
-    config: Config, pool: ModelPool, target: str, *, history: int, rate: float, secs: float
-) -> dict[str, float]:
-    """Live p50/p99 at `rate` atoms/s with no migration, then while `history` atoms are
-    backfilled to `target`; and the backfill rate reached meanwhile."""
-    from stream.processor.control import ControlPlane
-
-    config = _fresh(config, "backfill")
-    async with Admin(config.kafka) as admin:
-        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
-    await _produce(config, workload_texts("mixed", history), prefix="h")
-    await pool.get(target)
-    count = max(4, int(rate * secs))
-    watch = CommitWatch(history)
-    stop = anyio.Event()
-    result: dict[str, float] = {}
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
-        await watch.done.wait()
-        await _produce(config, workload_texts("mixed", count, seed=9), rate=rate, prefix="idle")
-        command = StartMigration(
-            migration_id="bench",
-            source_model=config.routing.stable_model,
-            target_model=target,
-        )
-        await send_command(config, command)
-        began = time.monotonic()
-        await _produce(config, workload_texts("mixed", count, seed=10), rate=rate, prefix="busy")
-        async with ControlPlane(config) as control:
-            state = await control.replay()
-        progress = state.migration.progress if state.migration else None
-        result["backfill_atoms_per_sec"] = (progress.processed if progress else 0) / (
-            time.monotonic() - began
-        )
-        result["backfill_done"] = float(progress.processed if progress else 0)
-        result["backfill_total"] = float(progress.total or 0 if progress else 0)
-        stop.set()
-    idle = await _latencies(config, count, b"idle-")
-    busy = await _latencies(config, count, b"busy-")
-    result.update(
-        live_rate=rate,
-        idle_p50_ms=float(np.percentile(idle, 50)),
-        idle_p99_ms=float(np.percentile(idle, 99)),
-        busy_p50_ms=float(np.percentile(busy, 50)),
-        busy_p99_ms=float(np.percentile(busy, 99)),
-    )
-    result["p99_ratio"] = result["busy_p99_ms"] / result["idle_p99_ms"]
-    return result
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> dict[str, float]:
-    """Peak resident memory while the processor drains an `atoms` backlog, against the same
-    process idle with its model loaded (texts are generated as they are produced)."""
-    model = await pool.get(config.routing.stable_model)
-    model_bytes = sum(p.numel() * p.element_size() for p in model._model.parameters())
-    config = _fresh(config, "memory")
-    async with Admin(config.kafka) as admin:
-        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
-    await _produce(config, LazyTexts(atoms))
-    baseline = _rss_bytes()
-    peak = baseline
-    watch = CommitWatch(atoms)
-
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, _rss_bytes())
-            await anyio.sleep(0.05)  # sampling period of the RSS probe
-
-    stop = anyio.Event()
-    began = time.perf_counter()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(sample)
-        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
-        await watch.done.wait()
-        stop.set()
-        elapsed = time.perf_counter() - began
-        await anyio.sleep(0.2)  # let the processor drain before the sampler stops
-        tasks.cancel_scope.cancel()
-    mib = 1024 * 1024
-    return {
-        "atoms": float(atoms),
-        "seconds": elapsed,
-        "model_mib": model_bytes / mib,
-        "baseline_rss_mib": baseline / mib,
-        "peak_rss_mib": peak / mib,
-        "growth_mib": (peak - baseline) / mib,
-    }
-
-
 async def serve_throughput(
     config: Config,
     pool: ModelPool,
@@ -301,7 +201,7 @@ async def serve_throughput(
     from stream.serve.server import run_serve
     from stream.serve.service import EmbeddingService
 
-    config = _fresh(config, "serve")
+    config = fresh_run(config, "serve")
     service = EmbeddingService(config, pool=pool)
     async with anyio.create_task_group() as tasks:
         port = await tasks.start(
@@ -335,6 +235,7 @@ async def run_bench(
     out: Path,
     backfill_target: str | None = None,
     backfill_live_rate: float = 5.0,
+    backfill_share_target: str | None = None,
     memory_atoms: int | None = None,
     serve_levels: Sequence[int] | None = None,
     serve_requests: int = 512,
@@ -414,6 +315,8 @@ async def run_bench(
             "ratio": measured_rate / ideal,
         }
     if backfill_target is not None:
+        from stream.tools.benchmigration import backfill_latency
+
         report["backfill_latency"] = await backfill_latency(
             config,
             pool,
@@ -422,7 +325,15 @@ async def run_bench(
             rate=backfill_live_rate,
             secs=load_secs,
         )
+    if backfill_share_target is not None:
+        from stream.tools.benchmigration import backfill_share
+
+        report["backfill_share"] = await backfill_share(
+            config, pool, backfill_share_target, secs=load_secs
+        )
     if memory_atoms is not None:
+        from stream.tools.benchmigration import memory_under_backlog
+
         report["memory"] = await memory_under_backlog(config, pool, memory_atoms)
     if serve_levels is not None:
         report["serve"] = await serve_throughput(

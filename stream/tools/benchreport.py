@@ -124,6 +124,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{b['backfill_atoms_per_sec']:.1f} atoms/s ({b['backfill_done']:.0f}/"
             f"{b['backfill_total']:.0f} meanwhile)"
         )
+    if "backfill_share" in report:
+        b = report["backfill_share"]
+        lines.append(
+            f"backfill share: capacity {b['capacity_atoms_per_sec']:.0f} atoms/s, live "
+            f"{b['live_rate']:.0f} atoms/s dual-written; backfill "
+            f"{b['backfill_atoms_per_sec']:.0f} atoms/s = {b['share_ratio']:.2f} x the spare "
+            f"{b['spare_atoms_per_sec']:.0f}; live p99 {b['busy_p99_ms']:.0f} ms under "
+            f"backfill (idle {b['idle_p99_ms']:.0f} ms, bound {b['p99_bound_ms']:.0f} ms)"
+        )
     if "memory" in report:
         m = report["memory"]
         lines.append(

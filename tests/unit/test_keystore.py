@@ -9,7 +9,8 @@ import pytest
 import rocksdict
 
 from stream.state import keystore
-from stream.state.keystore import KEYS, LIVE, Counts, KeyStore, StateError, Verdict
+from stream.state.keystore import KEYS, LIVE, Counts, KeyStore, Verdict
+from stream.state.rocks import StateError
 
 E, T, S = Verdict.EMBED, Verdict.TOMBSTONE, Verdict.SKIP
 

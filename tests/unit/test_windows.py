@@ -7,7 +7,7 @@ import pytest
 from schemas.control import BackfillConfig
 from schemas.routing import MigrationState
 from stream.core.routing import Migration
-from stream.core.windows import partition_write_models, window_deadline
+from stream.core.windows import partition_write_models, partitions_to_backfill, window_deadline
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -74,3 +74,25 @@ def test_without_dual_write_a_partition_joins_the_target_at_its_handoff() -> Non
     assert partition_write_models(["a"], paused, 1) == ("a", "b")
     failed = migration(dual_write=False, handoffs={1: 40}, state=MigrationState.FAILED)
     assert partition_write_models(["a"], failed, 1) == ("a",)
+
+
+def test_backfill_work_is_the_owned_partitions_short_of_their_handoff() -> None:
+    active = Migration(
+        migration_id="m1",
+        source="a",
+        target="b",
+        backfill=BackfillConfig(),
+        handoffs={0: 10, 1: 20, 2: 0},
+        backfilled={0: 10, 1: 5},
+    )
+    assert partitions_to_backfill(active, [0, 1, 2, 3], done=set()) == [1]
+    assert partitions_to_backfill(active, [0, 1, 2, 3], done={1}) == []
+    paused = migration(dual_write=True, handoffs={1: 20}, state=MigrationState.PAUSED)
+    assert partitions_to_backfill(paused, [1], done=set()) == []
+    assert partitions_to_backfill(None, [1], done=set()) == []
+
+
+def test_without_dual_write_partitions_without_a_handoff_chase_the_head() -> None:
+    chasing = migration(dual_write=False, handoffs={1: 40}, state=MigrationState.IN_PROGRESS)
+    assert partitions_to_backfill(chasing, [0, 1], done=set()) == [0, 1]
+    assert partitions_to_backfill(chasing, [0, 1], done={1}) == [0]

@@ -1,0 +1,147 @@
+"""Migration benchmarks: live latency while backfilling, backfill's share of spare
+capacity, and memory under a large backlog."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import numpy as np
+
+from schemas.control import StartMigration
+from stream.config import Config
+from stream.embed.pool import ModelPool
+from stream.kafka.admin import Admin, TopicSpec
+from stream.ops.operator import send_command
+from stream.processor.app import run_processor
+from stream.processor.control import ControlPlane
+from stream.tools.bench import CommitWatch, end_to_end, fresh_run, latencies, produce_texts
+from stream.tools.workloads import LazyTexts, workload_texts
+
+
+async def backfill_share(
+    config: Config, pool: ModelPool, target: str, *, secs: float
+) -> dict[str, float]:
+    """Backfill's rate against the spare capacity, with live traffic using half of it.
+
+    Capacity `c` is measured first (one model, from a backlog). Live atoms are then offered
+    at `c / 4`: dual-written, they use half the model time, leaving `c / 2` atoms/s spare for
+    backfill. Reports the backfill rate as a share of that, and live p99 during backfill
+    against its bound (2 x idle p99 + one backfill step).
+    """
+    capacity = (await end_to_end(config, pool, workload_texts("mixed", 2000)))[0].atoms_per_sec
+    spare = capacity / 2
+    history = int(spare * secs * 2) + 1000  # more than backfill can finish while measured
+    result = await backfill_latency(
+        config, pool, target, history=history, rate=capacity / 4, secs=secs
+    )
+    result.update(
+        capacity_atoms_per_sec=capacity,
+        spare_atoms_per_sec=spare,
+        share_ratio=result["backfill_atoms_per_sec"] / spare,
+        p99_bound_ms=2 * result["idle_p99_ms"] + config.batching.backfill_chunk_ms,
+    )
+    return result
+
+
+async def backfill_latency(
+    config: Config, pool: ModelPool, target: str, *, history: int, rate: float, secs: float
+) -> dict[str, float]:
+    """Live p50/p99 at `rate` atoms/s with no migration, then while `history` atoms are
+    backfilled to `target`; and the backfill rate reached meanwhile."""
+
+    config = fresh_run(config, "backfill")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
+    await produce_texts(config, workload_texts("mixed", history), prefix="h")
+    await pool.get(target)
+    count = max(4, int(rate * secs))
+    watch = CommitWatch(history)
+    stop = anyio.Event()
+    result: dict[str, float] = {}
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
+        await watch.done.wait()
+        await produce_texts(
+            config, workload_texts("mixed", count, seed=9), rate=rate, prefix="idle"
+        )
+        command = StartMigration(
+            migration_id="bench",
+            source_model=config.routing.stable_model,
+            target_model=target,
+        )
+        await send_command(config, command)
+        began = time.monotonic()
+        await produce_texts(
+            config, workload_texts("mixed", count, seed=10), rate=rate, prefix="busy"
+        )
+        async with ControlPlane(config) as control:
+            state = await control.replay()
+        progress = state.migration.progress if state.migration else None
+        result["backfill_atoms_per_sec"] = (progress.processed if progress else 0) / (
+            time.monotonic() - began
+        )
+        result["backfill_done"] = float(progress.processed if progress else 0)
+        result["backfill_total"] = float(progress.total or 0 if progress else 0)
+        stop.set()
+    idle = await latencies(config, count, b"idle-")
+    busy = await latencies(config, count, b"busy-")
+    result.update(
+        live_rate=rate,
+        idle_p50_ms=float(np.percentile(idle, 50)),
+        idle_p99_ms=float(np.percentile(idle, 99)),
+        busy_p50_ms=float(np.percentile(busy, 50)),
+        busy_p99_ms=float(np.percentile(busy, 99)),
+    )
+    result["p99_ratio"] = result["busy_p99_ms"] / result["idle_p99_ms"]
+    return result
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def memory_under_backlog(config: Config, pool: ModelPool, atoms: int) -> dict[str, float]:
+    """Peak resident memory while the processor drains an `atoms` backlog, against the same
+    process idle with its model loaded (texts are generated as they are produced)."""
+    model = await pool.get(config.routing.stable_model)
+    model_bytes = sum(p.numel() * p.element_size() for p in model._model.parameters())
+    config = fresh_run(config, "memory")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
+    await produce_texts(config, LazyTexts(atoms))
+    baseline = _rss_bytes()
+    peak = baseline
+    watch = CommitWatch(atoms)
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, _rss_bytes())
+            await anyio.sleep(0.05)  # sampling period of the RSS probe
+
+    stop = anyio.Event()
+    began = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(sample)
+        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
+        await watch.done.wait()
+        stop.set()
+        elapsed = time.perf_counter() - began
+        await anyio.sleep(0.2)  # let the processor drain before the sampler stops
+        tasks.cancel_scope.cancel()
+    mib = 1024 * 1024
+    return {
+        "atoms": float(atoms),
+        "seconds": elapsed,
+        "model_mib": model_bytes / mib,
+        "baseline_rss_mib": baseline / mib,
+        "peak_rss_mib": peak / mib,
+        "growth_mib": (peak - baseline) / mib,
+    }
