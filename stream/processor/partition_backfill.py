@@ -190,13 +190,14 @@ class PartitionBackfill:
         reached = end if fits == len(embeds) else embeds[fits].offset
         batch = [r for r, _ in chosen if r.offset < reached]
         if batch:
-            began = time.perf_counter()
             target = self._migration.target
+            model_secs = self._stats.embed_seconds[target]
             await processor.process(batch, (target,), self._migration.migration_id, path="backfill")
-            embedded = [r for r in batch if r in embeds]
-            self._rate.observe(
-                sum(len(r.value or b"") for r in embedded), time.perf_counter() - began
-            )
+            # The rate is the model's own (not the step's produce and ack overhead), so a
+            # budget buys the atoms the model can embed in it.
+            spent = self._stats.embed_seconds[target] - model_secs
+            embedded = [r for r in embeds if r.offset < reached]
+            self._rate.observe(sum(len(r.value or b"") for r in embedded), spent)
         embedded_count = sum(1 for r in embeds if r.offset < reached)
         await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
         self._ahead = [r for r in records if r.offset >= reached]
