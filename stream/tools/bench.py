@@ -224,6 +224,48 @@ async def serve_throughput(
     return report
 
 
+async def _workload(
+    config: Config,
+    pool: ModelPool,
+    embedder: Embedder,
+    name: str,
+    atoms: int,
+    runs: int,
+    load_secs: float,
+) -> WorkloadResult:
+    """One workload: model only, embedder, end to end (medians of `runs`), then latency at
+    half the end-to-end rate."""
+    texts = workload_texts(name, atoms)
+    lengths = embedder.tokenize(texts).lengths
+    result = WorkloadResult(name=name, mean_tokens=float(np.mean(lengths)))
+    measured: dict[str, list[Rate]] = {"model_only": [], "embedder": [], "end_to_end": []}
+    # Warm-up: first-use costs (CUDA context, kernel selection, torch.compile) stay out.
+    await anyio.to_thread.run_sync(model_only, embedder, texts)
+    await anyio.to_thread.run_sync(embedder_rate, embedder, texts)
+    for _ in range(runs):
+        measured["model_only"].append(await anyio.to_thread.run_sync(model_only, embedder, texts))
+        measured["embedder"].append(await anyio.to_thread.run_sync(embedder_rate, embedder, texts))
+        measured["end_to_end"].append((await end_to_end(config, pool, texts))[0])
+    result.runs = {k: [r.atoms_per_sec for r in v] for k, v in measured.items()}
+    result.model_only = median(result.runs["model_only"])
+    result.embedder = median(result.runs["embedder"])
+    result.end_to_end = median(result.runs["end_to_end"])
+    result.tokens_per_sec = median([r.tokens_per_sec for r in measured["embedder"]])
+    result.padding_model_only = median([r.padding for r in measured["model_only"]])
+    result.padding_embedder = median([r.padding for r in measured["embedder"]])
+    result.offered_rate = result.end_to_end / 2
+    batch_secs = config.batching.micro_batch_atoms / result.embedder if result.embedder else 0
+    result.p99_bound_ms = 2 * config.batching.max_wait_ms + 1000 * batch_secs
+    load_count = max(8, int(result.offered_rate * load_secs))
+    _, latencies = await end_to_end(
+        config, pool, workload_texts(name, load_count, seed=8), rate=result.offered_rate
+    )
+    if latencies:
+        result.p50_ms = float(np.percentile(latencies, 50))
+        result.p99_ms = float(np.percentile(latencies, 99))
+    return result
+
+
 async def run_bench(
     config: Config,
     *,
@@ -247,38 +289,7 @@ async def run_bench(
     embedder = await pool.get(model)
     results: list[WorkloadResult] = []
     for name in workloads:
-        texts = workload_texts(name, atoms)
-        lengths = embedder.tokenize(texts).lengths
-        result = WorkloadResult(name=name, mean_tokens=float(np.mean(lengths)))
-        measured: dict[str, list[Rate]] = {"model_only": [], "embedder": [], "end_to_end": []}
-        # Warm-up: first-use costs (CUDA context, kernel selection, torch.compile) stay out.
-        await anyio.to_thread.run_sync(model_only, embedder, texts)
-        await anyio.to_thread.run_sync(embedder_rate, embedder, texts)
-        for _ in range(runs):
-            measured["model_only"].append(
-                await anyio.to_thread.run_sync(model_only, embedder, texts)
-            )
-            measured["embedder"].append(
-                await anyio.to_thread.run_sync(embedder_rate, embedder, texts)
-            )
-            measured["end_to_end"].append((await end_to_end(config, pool, texts))[0])
-        result.runs = {k: [r.atoms_per_sec for r in v] for k, v in measured.items()}
-        result.model_only = median(result.runs["model_only"])
-        result.embedder = median(result.runs["embedder"])
-        result.end_to_end = median(result.runs["end_to_end"])
-        result.tokens_per_sec = median([r.tokens_per_sec for r in measured["embedder"]])
-        result.padding_model_only = median([r.padding for r in measured["model_only"]])
-        result.padding_embedder = median([r.padding for r in measured["embedder"]])
-        result.offered_rate = result.end_to_end / 2
-        batch_secs = config.batching.micro_batch_atoms / result.embedder if result.embedder else 0
-        result.p99_bound_ms = 2 * config.batching.max_wait_ms + 1000 * batch_secs
-        load_count = max(8, int(result.offered_rate * load_secs))
-        _, latencies = await end_to_end(
-            config, pool, workload_texts(name, load_count, seed=8), rate=result.offered_rate
-        )
-        if latencies:
-            result.p50_ms = float(np.percentile(latencies, 50))
-            result.p99_ms = float(np.percentile(latencies, 99))
+        result = await _workload(config, pool, embedder, name, atoms, runs, load_secs)
         results.append(result)
         log.info(
             "bench %s: model only %.1f, embedder %.1f, end to end %.1f atoms/s (%.2fx); "

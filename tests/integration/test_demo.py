@@ -10,7 +10,8 @@ import msgspec
 import pytest
 
 from stream.sink.store import start_embedded
-from stream.tools.demo import QUERIES, migration_demo
+from stream.tools.demo import migration_demo
+from stream.tools.demoparts import QUERIES
 from tests.support.kafka import unique
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
