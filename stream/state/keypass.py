@@ -11,7 +11,7 @@ not become its key's "latest version". If it did, the key's last valid version w
 skipped too, and the atom would be missing from the target (G2, G4). The only shortcut that
 keeps the semantics is the null value (a tombstone), which needs no JSON at all; msgspec
 validates the rest at a few hundred thousand small events a second on one core
-(`python -m stream.state.bench_keystore` prints the rate).
+(`python -m stream.tools.benchkeystore` prints the rate).
 """
 
 from __future__ import annotations

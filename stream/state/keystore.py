@@ -31,7 +31,7 @@ footprint, and is the store a production stream processor would use.
 
 With this module's settings (`Tuning`: one 32 MiB cache for blocks and memtables, 4 MiB
 memtables, partitioned index and bloom filters so a cache much smaller than the data does
-not thrash), `python -m stream.state.bench_keystore --keys 1000000` (1M events, 700 k keys
+not thrash), `python -m stream.tools.benchkeystore --keys 1000000` (1M events, 700 k keys
 with scrambled, UUID-like ids, so lookups in log order get no locality; 2 shared cores, so
 +-30% between runs):
 

@@ -1,6 +1,6 @@
 """Memory and speed of the keys pass and the skip-rule lookups on the on-disk key store.
 
-    python -m stream.state.bench_keystore --keys 1000000
+    python -m stream.tools.benchkeystore --keys 1000000
 
 Generates `--keys` synthetic atom events (70% new atoms, 20% updates of an earlier atom, 10%
 deletes of one, half of them as null values), lazily, so the benchmark itself holds no
