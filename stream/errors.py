@@ -66,4 +66,5 @@ class SendFailed(LatticeError):
 
 
 class CommitFailed(LatticeError):
-    """An offset commit was refused because the group rebalanced; the new owner redoes it."""
+    """A rebalance moved the partition away: its commit (or position) was refused here; the
+    new owner redoes the work from the last committed offset."""

@@ -67,6 +67,9 @@ class Offsets:
         marks come with the consumer's background fetches; unknown counts as waiting)."""
         for partition in self._consumer.assignment():
             highwater = self._consumer.highwater(partition)
-            if highwater is None or highwater > await self._consumer.position(partition):
-                return True
+            try:
+                if highwater is None or highwater > await self._consumer.position(partition):
+                    return True
+            except CommitFailed:  # revoked meanwhile: its new owner looks at it
+                continue
         return False

@@ -22,6 +22,7 @@ from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
 from stream.core.windows import partition_write_models, window_deadline
+from stream.errors import CommitFailed
 from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
@@ -95,7 +96,11 @@ class LiveConsumer:
             records = await self._fetch_window(stop, window_atoms, wait=not pending)
             fetched_nothing = pending and not records
             with self.rebalance.window():
-                await self._live_window(records)
+                try:
+                    await self._live_window(records)
+                except CommitFailed as exc:
+                    # Uncommitted: the partition's new owner processes these records again.
+                    log.warning("a partition moved during the window: %s", exc)
 
     async def _live_window(self, records: Sequence[SourceRecord]) -> None:
         state = await self._control.sync()
@@ -136,7 +141,10 @@ class LiveConsumer:
         began = time.perf_counter()
         with self.rebalance.window():
             state = await self._control.sync()
-            await self._migration.step(state, self._consumer, self._processor, budget_secs)
+            try:
+                await self._migration.step(state, self._consumer, self._processor, budget_secs)
+            except CommitFailed as exc:  # its new owner resumes from the checkpoint
+                log.info("a partition moved during a backfill step: %s", exc)
         self._scheduler.record_backfill(time.perf_counter() - began, time.monotonic())
 
     async def _fetch_window(
