@@ -101,7 +101,7 @@ async def test_backfill_embeds_each_live_atom_once_at_its_latest_version(
                 phases.append(backfill.phase)
             await backfill.mark_live([live_written], handoff + 1)
             while Phase.DONE not in phases:
-                await backfill.step(processor, 0.01)  # a budget of a few atoms a step
+                await backfill.step(processor, 0.001)  # a budget of about one atom at first
                 phases.append(backfill.phase)
     finally:
         await anyio.to_thread.run_sync(store.close)
@@ -124,4 +124,4 @@ async def test_backfill_embeds_each_live_atom_once_at_its_latest_version(
     assert counted[0].processed == 0
     assert counted[-1].offset == handoff and counted[-1].processed == len(embedded)
     assert counted[-1].total == len(embedded) <= len(live_atoms)
-    assert phases.count(Phase.EMIT) > 3, "emission ran in bounded steps"
+    assert phases.count(Phase.EMIT) >= 3, "emission ran in bounded steps, not at once"
