@@ -23,11 +23,25 @@ from tests.integration.test_migration import (
 )
 from tests.support.kafka import create_topic, end_offsets, produce, unique
 from tests.support.load import LiveLoad
-from tests.support.processor import processor, wait_for_routing
+from tests.support.processor import Running, processor, wait_for_routing
 
 pytestmark = [pytest.mark.anyio]
 
 BACKLOG = 600  # atoms drained at the start: the capacity measurement
+
+
+async def quarter_load(
+    bootstrap: str, running: Running, atoms: str, history: History, backlog: int
+) -> tuple[LiveLoad, float]:
+    """Measure capacity by draining the `backlog` already produced (one model), and return
+    a load of creates, updates and deletes at a quarter of it: dual-written, half the model
+    time."""
+    began = time.monotonic()
+    await drained(bootstrap, running, atoms)
+    capacity = backlog / (time.monotonic() - began)
+    return LiveLoad(
+        bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4
+    ), capacity
 
 
 @pytest.mark.timeout(300)
@@ -40,11 +54,7 @@ async def test_backfill_finishes_while_live_load_uses_half_the_capacity(
     history = History(seed=11)
     await produce(bootstrap, atoms, history.events(BACKLOG, churn=0.3))
     async with processor(config) as running:
-        began = time.monotonic()
-        await drained(bootstrap, running, atoms)
-        capacity = BACKLOG / (time.monotonic() - began)  # one model, from a backlog
-        # Dual-write costs two models per live atom: half the capacity is capacity / 4.
-        load = LiveLoad(bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4)
+        load, capacity = await quarter_load(bootstrap, running, atoms, history, BACKLOG)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load.run)
             accepted, _ = await send_command(config, start("m1", rollback_window_secs=3600))
@@ -75,10 +85,7 @@ async def test_a_broken_target_fails_the_migration_and_the_source_keeps_ingestin
     history = History(seed=5)
     await produce(bootstrap, atoms, history.events(200, churn=0.3))
     async with processor(config) as running:
-        began = time.monotonic()
-        await drained(bootstrap, running, atoms)
-        capacity = 200 / (time.monotonic() - began)
-        load = LiveLoad(bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4)
+        load, _ = await quarter_load(bootstrap, running, atoms, history, 200)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load.run)
             command = StartMigration(migration_id="m1", source_model="tiny", target_model="broken")
