@@ -1,28 +1,23 @@
 """Fair, work-conserving sharing of model time between live windows and backfill chunks.
 
 The live owner of a partition runs both paths in one task, one step at a time: a live window,
-or a backfill chunk. `ShareScheduler` decides which, from measured model seconds only (it is
-fed what each step really cost; it never reads a clock, so `now` is always a parameter):
+or a backfill chunk. `ShareScheduler` decides which (it never reads a clock: `now` is always a
+parameter, and it is fed what each step really cost):
 
-- **Live goes first.** With no credit owed to backfill, a waiting live window runs.
-- **Backfill gets at least `min_share`** of model time while it has work, however busy
-  live is: every second of live work run while backfill had work earns backfill
-  `min_share / (1 - min_share)` seconds of credit, and a chunk spends it. Over a run in which
-  live waits continuously, backfill's share converges to `min_share` (and never drops to 0).
-- **Work-conserving.** When live has nothing waiting, backfill runs, and that spare time
-  creates no debt: live is not made to "pay back" capacity nobody else wanted.
-- **A live window waits at most one chunk.** After a backfill chunk, a waiting live window
-  always runs next; a chunk's budget is at most `chunk_secs`. A live window that arrives
-  during a chunk waits for the rest of that chunk only.
-
-Credit is clamped to `[-chunk_secs, chunk_secs]`: a burst of live work cannot owe backfill
-more than one chunk, and a chunk that overran its estimate cannot starve backfill for long.
-
-For the share to be met with one chunk per live window, a live window must not be longer
-than `live_cap_secs` (= `chunk_secs * (1 - min_share) / min_share`): a LIVE decision carries
-that cap as its budget while backfill has work, and the live path sizes its window with it
-(`chunk_atoms`). A caller that ignores the cap still never starves backfill (it gets one
-chunk after every live window), but its share is then `chunk / (window + chunk)`.
+- **They alternate while both have work.** After a live window, a backfill chunk of
+  `chunk_secs`; after a chunk, the waiting live window. So a live window waits at most one
+  chunk (live p99 grows by at most one chunk), and neither path starves.
+- **Backfill gets at least `min_share`.** While backfill has work, a live window is capped at
+  `live_cap_secs` (= `chunk_secs * (1 - min_share) / min_share`): the live path sizes its
+  window to that budget (`chunk_atoms` from its measured rate), so a saturated live path
+  takes at most `1 - min_share` of model time.
+- **Work-conserving.** A path with nothing to do takes no turn: with no live record waiting,
+  backfill runs chunk after chunk; with no backfill work, live windows run uncapped.
+- **Steps big enough to be efficient.** Each turn is a whole quantum, never a sliver: a live
+  window holds what arrived during the chunk before it, and a chunk is a full `chunk_secs`.
+  (An earlier credit scheme ran a chunk as long as the credit the last live window earned;
+  under steady live traffic that made both paths run in slivers of a few atoms whose fixed
+  costs, produce acks, commits and per-call model overhead, ate most of the capacity.)
 
 The chunk sizers turn a budget of model seconds into a number of records from a measured
 rate (`RateEstimate`, an exponentially weighted mean of seconds per byte or per atom).
@@ -62,78 +57,50 @@ class Decision:
 
 
 class ShareScheduler:
-    """A credit accountant for model time: live first, backfill >= `min_share`, no idling."""
+    """Alternating quanta of model time: live never waits more than one chunk, backfill
+    gets at least `min_share` while it has work, and neither path idles the model."""
 
     def __init__(
         self,
         min_share: float = DEFAULT_MIN_SHARE,
         chunk_secs: float = DEFAULT_CHUNK_SECS,
         *,
-        min_chunk_secs: float | None = None,
         window_secs: float = DEFAULT_WINDOW_SECS,
     ) -> None:
         if not 0.0 < min_share < 1.0:
             raise ValueError(f"min_share must be in (0, 1), got {min_share}")
         if not chunk_secs > 0.0:
             raise ValueError(f"chunk_secs must be positive, got {chunk_secs}")
-        if min_chunk_secs is None:
-            min_chunk_secs = chunk_secs / 4
-        if not 0.0 < min_chunk_secs <= chunk_secs:
-            raise ValueError(f"min_chunk_secs must be in (0, chunk_secs], got {min_chunk_secs}")
         if not window_secs > 0.0:
             raise ValueError(f"window_secs must be positive, got {window_secs}")
         self.min_share = min_share
         self.chunk_secs = chunk_secs
-        self.min_chunk_secs = min_chunk_secs
-        self._earn = min_share / (1.0 - min_share)
-        self._credit = 0.0
         self._last = Step.IDLE
-        self._backfill_pending = False
-        self._chunk_contended = False
         self._share = _DecayedShare(window_secs)
 
     @property
-    def credit_secs(self) -> float:
-        """Model seconds owed to backfill (negative: backfill ran ahead of its share)."""
-        return self._credit
-
-    @property
     def live_cap_secs(self) -> float:
-        """The longest live window that lets backfill take its share with one chunk."""
-        return self.chunk_secs / self._earn
+        """The longest live window that leaves backfill `min_share` with one chunk after it."""
+        return self.chunk_secs * (1.0 - self.min_share) / self.min_share
 
     def next_step(self, *, live_waiting: bool, backfill_pending: bool) -> Decision:
         """Decide the next step. Pure in the scheduler's state: call it, run the step,
         then report what the step cost with `record_live` or `record_backfill`."""
-        self._backfill_pending = backfill_pending
         if not backfill_pending:
-            self._credit = 0.0  # nothing is owed for time in which backfill had no work
             return Decision(Step.LIVE) if live_waiting else Decision(Step.IDLE)
-        if not live_waiting:
-            self._chunk_contended = False
-            return Decision(Step.BACKFILL, self.chunk_secs)
-        if self._last is Step.BACKFILL or self._credit <= 0.0:
+        if live_waiting and self._last is Step.BACKFILL:
             return Decision(Step.LIVE, self.live_cap_secs)
-        self._chunk_contended = True
-        return Decision(Step.BACKFILL, max(self._credit, self.min_chunk_secs))
+        return Decision(Step.BACKFILL, self.chunk_secs)
 
     def record_live(self, seconds: float, now: float) -> None:
         """A live window took `seconds` of model time, ending at `now`."""
-        seconds = _non_negative(seconds)
-        if self._backfill_pending:
-            self._credit = min(self._credit + seconds * self._earn, self.chunk_secs)
         self._last = Step.LIVE
-        self._share.add(live=seconds, backfill=0.0, now=now)
+        self._share.add(live=_non_negative(seconds), backfill=0.0, now=now)
 
     def record_backfill(self, seconds: float, now: float) -> None:
         """A backfill chunk took `seconds` of model time, ending at `now`."""
-        seconds = _non_negative(seconds)
-        if self._chunk_contended:
-            self._credit = max(self._credit - seconds, -self.chunk_secs)
-        elif self._credit > 0.0:  # spare capacity repays what is owed, never makes debt
-            self._credit = max(self._credit - seconds, 0.0)
         self._last = Step.BACKFILL
-        self._share.add(live=0.0, backfill=seconds, now=now)
+        self._share.add(live=0.0, backfill=_non_negative(seconds), now=now)
 
     def backfill_share(self, now: float) -> float | None:
         """Backfill's share of model time over the recent window (exponential decay with a
