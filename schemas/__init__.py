@@ -11,6 +11,7 @@ from schemas.control import (
     Rollback,
     StartMigration,
 )
+from schemas.deadletter import DeadLetterHeaders, decode_dead_letter_headers
 from schemas.embeddings import EmbeddingRecord, PackedEmbeddingRecord, SourceRef, decode_embedding
 from schemas.errors import LatticeError
 from schemas.routing import (
@@ -29,6 +30,7 @@ __all__ = [
     "BackfillConfig",
     "CancelMigration",
     "ControlCommand",
+    "DeadLetterHeaders",
     "EmbeddingRecord",
     "EmbeddingRoutingConfig",
     "Finalize",
@@ -46,5 +48,6 @@ __all__ = [
     "SourceRef",
     "StartMigration",
     "decode_atom",
+    "decode_dead_letter_headers",
     "decode_embedding",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "OverlongInput",
     "RecordRejected",
     "SendFailed",
+    "TargetFailing",
 ]
 
 
@@ -39,6 +40,14 @@ class FingerprintMismatch(ModelLoadError):
         self.model = model
         self.current = current
         self.recorded = recorded
+
+
+class TargetFailing(LatticeError):
+    """A migration target fails input after input: the model is broken, not the inputs."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(reason)
+        self.model = model
 
 
 class OverlongInput(LatticeError):

@@ -79,17 +79,23 @@ class ModelPool:
                 fingerprint = await self.fingerprint(name)
                 self.check(name, fingerprint)
                 batching = self._config.batching
-                embedder = await anyio.to_thread.run_sync(
-                    lambda: Embedder(
-                        name,
-                        model,
-                        device=self._config.runtime.device,
-                        dtype=self._config.runtime.dtype,
-                        compile=self._config.runtime.compile,
-                        micro_batch_atoms=batching.micro_batch_atoms,
-                        max_batch_tokens=batching.max_batch_tokens,
+                try:
+                    embedder = await anyio.to_thread.run_sync(
+                        lambda: Embedder(
+                            name,
+                            model,
+                            device=self._config.runtime.device,
+                            dtype=self._config.runtime.dtype,
+                            compile=self._config.runtime.compile,
+                            micro_batch_atoms=batching.micro_batch_atoms,
+                            max_batch_tokens=batching.max_batch_tokens,
+                        )
                     )
-                )
+                except ModelLoadError:
+                    # Hashed again at the next try: the operator may fix the directory
+                    # in place (then `resume` a migration that failed on it).
+                    self._fingerprints.pop(name, None)
+                    raise
                 embedder.fingerprint = fingerprint
                 self._loaded[name] = embedder
         return self._loaded[name]

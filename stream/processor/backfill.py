@@ -17,14 +17,14 @@ from pathlib import Path
 
 import anyio
 
-from schemas.control import MigrationFailed
+from schemas.control import MigrationFailed, ModelFingerprint
 from schemas.routing import MigrationState
 from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import Migration, RoutingState
 from stream.core.scheduler import RateEstimate, chunk_atoms
 from stream.core.windows import partitions_to_backfill
-from stream.errors import ModelLoadError
+from stream.errors import ModelLoadError, TargetFailing
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
 from stream.processor.chase import Chase
@@ -150,7 +150,8 @@ class MigrationWorker:
         self._next += 1
         try:
             await self._step(migration, partition, consumer, processor, budget_secs)
-        except ModelLoadError as exc:
+        except (ModelLoadError, TargetFailing) as exc:
+            self.forget([partition])  # redone from its checkpoint on `resume`
             await self._fail(migration, str(exc))
         except RetryWindow as exc:
             self._failed_steps += 1
@@ -208,10 +209,25 @@ class MigrationWorker:
         if migration is None or migration.state is not MigrationState.IN_PROGRESS:
             return state
         try:
-            await processor.models.get(migration.target)
+            embedder = await processor.models.get(migration.target)
         except ModelLoadError as exc:
             return await self._fail(migration, str(exc))
+        if embedder.fingerprint is not None and migration.target not in state.fingerprints:
+            # A target that first loads now (fixed after a failure, say): the log records
+            # its weights before its first output, as it does at start-up.
+            offset = await self._control.append(
+                ModelFingerprint(model=migration.target, fingerprint=embedder.fingerprint)
+            )
+            state = await self._control.wait_applied(offset)
         return state
+
+    async def fail_target(self, state: RoutingState, reason: str) -> RoutingState:
+        """The state with the active migration failed (its target keeps failing), when that
+        is still a legal transition; the state unchanged otherwise (e.g. paused)."""
+        migration = state.active
+        if migration is None or migration.state is not MigrationState.IN_PROGRESS:
+            return state
+        return await self._fail(migration, reason)
 
     async def _new_chase(
         self, migration: Migration, partition: int, consumer: GroupConsumer

@@ -70,7 +70,11 @@ class Chase:
         if records:
             migration = self._migration
             await processor.process(
-                records, (migration.target,), migration.migration_id, path="backfill"
+                records,
+                (migration.target,),
+                migration.migration_id,
+                path="backfill",
+                target=migration.target,
             )
         self._stats.backfilled_events += end - self.next_offset
         self.next_offset = end

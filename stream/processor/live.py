@@ -17,12 +17,13 @@ from collections.abc import Sequence
 
 import anyio
 
+from schemas.routing import MigrationState
 from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
 from stream.core.windows import partition_write_models, window_deadline
-from stream.errors import CommitFailed
+from stream.errors import CommitFailed, TargetFailing
 from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
@@ -110,7 +111,13 @@ class LiveConsumer:
         state = await self._migration.check_target(state, self._processor)
         began = time.perf_counter()
         try:
-            await self._process(state, records)
+            try:
+                await self._process(state, records)
+            except TargetFailing as exc:
+                # The target fails the migration, not the fleet: the window again, without it
+                # (outputs the source already published are written once more: at-least-once).
+                state = await self._migration.fail_target(state, str(exc))
+                await self._process(state, records, fail_fast=False)
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
             self.offsets.rewind(records)
@@ -125,16 +132,30 @@ class LiveConsumer:
         self._scheduler.record_live(seconds, time.monotonic())
         self._live_rate.observe(len(records), seconds)
 
-    async def _process(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
-        """Embed each partition's records with that partition's write models."""
+    async def _process(
+        self, state: RoutingState, records: Sequence[SourceRecord], *, fail_fast: bool = True
+    ) -> None:
+        """Embed each partition's records with that partition's write models.
+
+        With `fail_fast`, a migration target in progress that keeps failing raises
+        `TargetFailing`; otherwise its failures are dead letters for it alone.
+        """
         migration = state.active
         writes = state.routing_config().write_models
         groups: dict[tuple[str, ...], list[SourceRecord]] = defaultdict(list)
         for record in records:
             groups[partition_write_models(writes, migration, record.partition)].append(record)
         migration_id = migration.migration_id if migration else None
+        target = None
+        if (
+            fail_fast
+            and migration is not None
+            and migration.state is MigrationState.IN_PROGRESS
+            and migration.target != migration.source
+        ):
+            target = migration.target
         for models, group in groups.items():
-            await self._processor.process(group, models, migration_id)
+            await self._processor.process(group, models, migration_id, target=target)
 
     async def _backfill_step(self, budget_secs: float) -> None:
         """One bounded backfill step; it counts as in flight for a rebalance like a window."""

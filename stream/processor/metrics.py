@@ -57,6 +57,14 @@ class ProcessorCollector(Collector):
         for stage in ("decode", "validate", "embed", "produce"):
             dead.add_metric([stage], stats.dead_letters[stage])
         yield dead
+        for_model = CounterMetricFamily(
+            "lattice_model_dead_letters",
+            "Dead letters for one write model (the others published the record)",
+            labels=["model", "stage"],
+        )
+        for (model, stage), count in sorted(stats.model_dead_letters.items()):
+            for_model.add_metric([model, stage], count)
+        yield for_model
         yield _by("lattice_truncated", "Texts cut to the model window", "model", stats.truncated)
         yield CounterMetricFamily(
             "lattice_backfill_events", "Backfill events replayed", value=stats.backfilled_events

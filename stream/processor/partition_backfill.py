@@ -192,7 +192,9 @@ class PartitionBackfill:
         if batch:
             target = self._migration.target
             model_secs = self._stats.embed_seconds[target]
-            await processor.process(batch, (target,), self._migration.migration_id, path="backfill")
+            await processor.process(
+                batch, (target,), self._migration.migration_id, path="backfill", target=target
+            )
             # The rate is the model's own (not the step's produce and ack overhead), so a
             # budget buys the atoms the model can embed in it.
             spent = self._stats.embed_seconds[target] - model_secs

@@ -67,7 +67,8 @@ class ProcessorStats:
     atoms_in: Counter[str] = field(default_factory=Counter)  # by path: live, backfill
     outputs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, path)
     tombstones: Counter[str] = field(default_factory=Counter)
-    dead_letters: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)  # by stage, all of them
+    model_dead_letters: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, stage)
     truncated: Counter[str] = field(default_factory=Counter)
     embed_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     backfilled_events: int = 0

@@ -6,6 +6,12 @@ distinct texts, then two stages joined by a bounded stream: the model thread run
 `PIPELINE_DEPTH` micro-batches ahead while the event loop encodes and produces finished
 ones, keeping each key's records in input order (`InOrderRelease`). The live path and
 backfill both use it.
+
+Dead letters are per model where the failure is: an input that fails decoding or validation
+is one dead letter and reaches no model; an input that one model rejects (too long for its
+window with `on_overlong = "dead_letter"`, that model failed on it, its output for that
+model was refused) is a dead letter naming that model, and the other write models still
+embed and publish it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from stream.core.output import embedding_output, tombstone_output
 from stream.core.records import OutRecord, SourceRecord
 from stream.embed.embedder import Embedder, Tokenized, Vectors
 from stream.embed.pool import ModelPool
-from stream.errors import OverlongInput, RecordRejected, SendFailed
+from stream.errors import OverlongInput, RecordRejected, SendFailed, TargetFailing
 from stream.kafka.producer import Ack, OutputProducer
 from stream.processor.inference import Inference
 from stream.processor.sensors import ProcessorStats
@@ -38,6 +44,11 @@ log = logging.getLogger(__name__)
 # `micro_batch_atoms` vectors, so this bounds the vectors queued between the stages.
 PIPELINE_DEPTH = 4
 
+# Inputs a migration target fails alone in a row, with no success between, after which the
+# model itself is taken to be failing (not the inputs): the migration fails instead of
+# dead-lettering every input for the target.
+TARGET_FAILING_INPUTS = 3
+
 # (model, window positions the micro-batch finished, their vectors)
 _Embedded = tuple[str, list[int], dict[int, Vectors]]
 
@@ -47,7 +58,11 @@ class RetryWindow(Exception):
 
 
 class Window:
-    """One window's events, dead letters and pending acknowledgements."""
+    """One window's events, dead letters and pending acknowledgements.
+
+    `dead` holds the positions that reach no model (invalid input, or skipped by backfill);
+    `dead_for[model]` those that one model rejected, and only that model skips.
+    """
 
     def __init__(
         self,
@@ -64,6 +79,7 @@ class Window:
         self.migration_id = migration_id
         self.events: dict[int, AtomEvent] = {}
         self.dead: set[int] = set()
+        self.dead_for: defaultdict[str, set[int]] = defaultdict(set)
         self._config = config
         self._producer = producer
         self._stats = stats
@@ -84,6 +100,10 @@ class Window:
                 await self.dead_letter(position, exc.stage, cause, exc.reason)
         self._stats.atoms_in[self.path] += len(self.records)
 
+    def is_dead(self, position: int, model: str) -> bool:
+        """Whether `model` has nothing to produce for `position`."""
+        return position in self.dead or position in self.dead_for[model]
+
     def texts(self) -> dict[str, list[int]]:
         """Each distinct text to embed, with the window positions that carry it."""
         positions_of: dict[str, list[int]] = defaultdict(list)
@@ -96,7 +116,7 @@ class Window:
         self, position: int, model: str, embedder: Embedder, vector: Vectors | None
     ) -> None:
         """Produce one output (an embedding, or a tombstone when `vector` is None)."""
-        if position in self.dead:
+        if self.is_dead(position, model):
             return
         record = self.records[position]
         event = self.events[position]
@@ -128,28 +148,45 @@ class Window:
         try:
             ack = await self._producer.send(self._config.topics.embeddings(model), output)
         except RecordRejected as exc:
-            await self.dead_letter(position, "produce", type(exc.__cause__).__name__, str(exc))
+            error_class = type(exc.__cause__).__name__
+            await self.dead_letter(position, "produce", error_class, str(exc), model=model)
             return
         except SendFailed as exc:  # e.g. no metadata for the topic in time: transient
             raise RetryWindow(str(exc)) from exc
         self._acks.append((ack, position, model))
 
-    async def dead_letter(self, position: int, stage: Stage, error_class: str, reason: str) -> None:
-        """Exactly one dead letter per bad input offset."""
+    async def dead_letter(
+        self,
+        position: int,
+        stage: Stage,
+        error_class: str,
+        reason: str,
+        *,
+        model: str | None = None,
+    ) -> None:
+        """Exactly one dead letter per bad input offset: for the record (`model` None, it
+        reaches no model), or for one model (the other write models still publish it)."""
         if position in self.dead:
             return
-        self.dead.add(position)
+        if model is None:
+            self.dead.add(position)
+        elif position in self.dead_for[model]:
+            return
+        else:
+            self.dead_for[model].add(position)
+            self._stats.model_dead_letters[model, stage] += 1
         record = self.records[position]
         self._stats.dead_letters[stage] += 1
         log.info(
-            "dead letter %s/%d/%d stage=%s: %s",
+            "dead letter %s/%d/%d stage=%s model=%s: %s",
             record.topic,
             record.partition,
             record.offset,
             stage,
+            model or "-",
             reason,
         )
-        letter = dead_letter(record, stage, error_class, reason)
+        letter = dead_letter(record, stage, error_class, reason, model=model)
         try:
             ack = await self._producer.send(self._config.topics.dlq, letter)
         except (RecordRejected, SendFailed) as exc:
@@ -167,7 +204,7 @@ class Window:
                     if not model:
                         raise RetryWindow(f"dead letter could not be written: {exc}") from exc
                     error_class = type(exc.__cause__).__name__
-                    await self.dead_letter(position, "produce", error_class, str(exc))
+                    await self.dead_letter(position, "produce", error_class, str(exc), model=model)
                 except SendFailed as exc:
                     raise RetryWindow(str(exc)) from exc
 
@@ -191,8 +228,8 @@ class _ModelOutputs:
     async def finish(self, positions: Sequence[int]) -> None:
         """Mark window positions finished and produce whatever that frees, in key order.
 
-        Positions dead before the window started have no slot and are ignored; positions
-        that died since are released too, and `Window.emit` skips them.
+        Positions dead for every model (invalid input) have no slot and are ignored;
+        positions this model rejected are released too, and `Window.emit` skips them.
         """
         free = self.release.finish(self._slot[p] for p in positions if p in self._slot)
         for index in free:
@@ -221,6 +258,8 @@ class WindowProcessor:
         self._producer = producer
         self._inference = inference
         self.stats = stats
+        # Per model: inputs failed alone in a row since its last success (any window).
+        self._failed_in_a_row: dict[str, int] = defaultdict(int)
 
     async def process(
         self,
@@ -229,10 +268,14 @@ class WindowProcessor:
         migration_id: str | None,
         *,
         path: EmbeddingPath = "live",
+        target: str | None = None,
     ) -> None:
         """Produce every output of `records` and wait for the acknowledgements.
 
-        Raises `RetryWindow` when a send failed for a reason that a retry can fix.
+        Raises `RetryWindow` when a send failed for a reason that a retry can fix, and
+        `TargetFailing` when `target` (a migration's target, one of `write_models`) fails
+        `TARGET_FAILING_INPUTS` inputs in a row alone: the model is broken, not the inputs,
+        so the caller fails the migration instead of dead-lettering every input for it.
         """
         window = Window(
             records,
@@ -245,13 +288,14 @@ class WindowProcessor:
         await window.decode()
         embedders = [(model, await self.models.get(model)) for model in write_models]
         jobs = [await self._job(window, model, embedder) for model, embedder in embedders]
+        jobs.sort(key=lambda job: job[0] != target)  # a failing target shows before any output
         outputs = {model: _ModelOutputs(window, model, embedder) for model, embedder in embedders}
         for model_outputs in outputs.values():  # deletes need no model: tombstones go first
             await model_outputs.finish(model_outputs.deletes())
         embedded_in, embedded_out = anyio.create_memory_object_stream[_Embedded](PIPELINE_DEPTH)
         try:
             async with anyio.create_task_group() as stages:
-                stages.start_soon(self._infer, window, jobs, embedded_in)
+                stages.start_soon(self._infer, window, jobs, embedded_in, target)
                 async with embedded_out:
                     async for model, done, vectors in embedded_out:
                         outputs[model].vectors.update(vectors)
@@ -283,6 +327,7 @@ class WindowProcessor:
                         OverlongInput.__name__,
                         f"text needs more than {embedder.config.max_tokens} tokens "
                         f"(models.{model}.max_tokens) and limits.on_overlong is dead_letter",
+                        model=model,
                     )
             else:
                 self.stats.truncated[model] += len(positions_of[text])
@@ -290,29 +335,54 @@ class WindowProcessor:
         return model, embedder, positions, tokens, self._inference.plan(tokens)
 
     async def _infer(
-        self, window: Window, jobs: list[_Job], embedded: MemoryObjectSendStream[_Embedded]
+        self,
+        window: Window,
+        jobs: list[_Job],
+        embedded: MemoryObjectSendStream[_Embedded],
+        target: str | None,
     ) -> None:
         """Embed every model's micro-batches in turn; hand each result to the output stage."""
         async with embedded:
             for model, embedder, positions, tokens, batches in jobs:
                 for batch in batches:
-                    todo = [i for i in batch if any(p not in window.dead for p in positions[i])]
-                    vectors = await self._embed(window, embedder, tokens, todo, positions)
+                    todo = [
+                        i for i in batch if any(not window.is_dead(p, model) for p in positions[i])
+                    ]
+                    vectors = await self._embed(
+                        window, model, embedder, tokens, todo, positions, model == target
+                    )
                     await embedded.send((model, [p for i in batch for p in positions[i]], vectors))
 
     async def _embed(
         self,
         window: Window,
+        model: str,
         embedder: Embedder,
         tokens: Tokenized,
         batch: list[int],
         positions: list[list[int]],
+        is_target: bool,
     ) -> dict[int, Vectors]:
-        """Vectors by window position for one micro-batch; inputs that fail are dead letters."""
+        """Vectors by window position for one micro-batch; inputs that fail are dead letters
+        for this model (or, for a migration target that fails input after input,
+        `TargetFailing`)."""
         if not batch:
             return {}
         result = await self._inference.embed(embedder, tokens, batch)
+        if result.vectors:
+            self._failed_in_a_row[model] = 0
+        else:
+            self._failed_in_a_row[model] += len(result.failed)
+        if is_target and self._failed_in_a_row[model] >= TARGET_FAILING_INPUTS:
+            failed = self._failed_in_a_row[model]
+            self._failed_in_a_row[model] = 0
+            exc = next(iter(result.failed.values()))
+            raise TargetFailing(
+                model, f"model {model} failed {failed} inputs in a row, each alone: {exc!r}"
+            )
         for i, exc in result.failed.items():
             for position in positions[i]:
-                await window.dead_letter(position, "embed", type(exc).__name__, str(exc))
+                await window.dead_letter(
+                    position, "embed", type(exc).__name__, str(exc), model=model
+                )
         return {p: row for i, row in result.vectors.items() for p in positions[i]}

@@ -34,3 +34,22 @@ def test_record_with_neither_key_nor_value_gets_an_empty_value_and_a_marker() ->
     letter = dead_letter(record, "validate", "InvalidAtom", "record has neither a key nor a value")
     assert (letter.key, letter.value) == (None, b"")
     assert ("lattice.dlq.null-value", b"true") in letter.headers
+
+
+def test_a_dead_letter_for_one_model_names_it_last() -> None:
+    record = SourceRecord(
+        topic="atoms", partition=0, offset=7, key=b"k", value=b"v", headers=(), timestamp_ms=1
+    )
+    letter = dead_letter(record, "embed", "RuntimeError", "boom", model="bge-small")
+    assert letter.headers[-2:] == [
+        ("lattice.dlq.error", b"boom"),
+        ("lattice.dlq.model", b"bge-small"),
+    ]
+    assert [name for name, _ in dead_letter(record, "embed", "E", "r").headers] == [
+        "lattice.dlq.topic",
+        "lattice.dlq.partition",
+        "lattice.dlq.offset",
+        "lattice.dlq.stage",
+        "lattice.dlq.error-class",
+        "lattice.dlq.error",
+    ]

@@ -41,6 +41,7 @@ METRICS = {
     "lattice_embeddings_out_total": "counter",
     "lattice_tombstones_out_total": "counter",
     "lattice_dead_letters_total": "counter",
+    "lattice_model_dead_letters_total": "counter",
     "lattice_truncated_total": "counter",
     "lattice_batch_atoms": "histogram",
     "lattice_window_seconds": "histogram",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from stream.config import Config, ModelConfig
+from stream.core.routing import RoutingState
 from stream.embed.pool import ModelPool
 from stream.errors import SendFailed
 from stream.processor.backfill import MigrationWorker
@@ -20,6 +21,7 @@ from stream.processor.inference import Inference
 from stream.processor.live import LiveConsumer
 from stream.processor.sensors import ProcessorStats, Sensor
 from stream.processor.window import WindowProcessor
+from stream.state.keystore import KeyStore
 from tests.support.fakes import (
     FakeControlLog,
     FakeGroupConsumer,
@@ -38,6 +40,7 @@ class Heard(Sensor):
     windows: int = 0
     changed: anyio.Event = field(default_factory=anyio.Event)
     window_done: anyio.Event = field(default_factory=anyio.Event)
+    control: ControlPlane | None = None  # the loop's control plane, while it runs
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         self.commits.append(dict(offsets))
@@ -50,6 +53,14 @@ class Heard(Sensor):
     def on_window(self, seconds: float) -> None:
         self.windows += 1
         self.window_done.set()
+
+    async def until_routing(self, done: Callable[[RoutingState], bool]) -> RoutingState:
+        """Until the loop's routing state satisfies `done`."""
+        assert self.control is not None
+        while not done(self.control.state):
+            last = self.control.state.control_offset
+            await self.control.wait_applied(0 if last is None else last + 1)
+        return self.control.state
 
     def committed(self) -> dict[int, int]:
         merged: dict[int, int] = {}
@@ -71,10 +82,20 @@ def atoms(log: FakeLog, partition: int, count: int, prefix: str = "a") -> None:
 
 @asynccontextmanager
 async def live_loop(
-    tiny_model: Path, log: FakeLog, consumer: FakeGroupConsumer, producer: FakeProducer
+    tiny_model: Path,
+    log: FakeLog,
+    consumer: FakeGroupConsumer,
+    producer: FakeProducer,
+    *,
+    config: Config | None = None,
+    models: ModelPool | None = None,
+    control_log: FakeControlLog | None = None,
+    store: KeyStore | None = None,
+    backfill: bool = True,
 ) -> AsyncIterator[Heard]:
-    """The live path on fakes, running until the block ends."""
-    config = Config(models={"tiny": ModelConfig(path=str(tiny_model))})
+    """The live path on fakes, running until the block ends (`config` and its `models`:
+    more models than `tiny`, the stable one)."""
+    config = config or Config(models={"tiny": ModelConfig(path=str(tiny_model))})
     config = msgspec.structs.replace(
         config,
         routing=msgspec.structs.replace(config.routing, stable_model="tiny"),
@@ -82,13 +103,23 @@ async def live_loop(
     )
     heard = Heard()
     stats = ProcessorStats()
-    models = ModelPool(config)
+    models = models or ModelPool(config)
     inference = Inference(config.batching, stats, heard)
     processor = WindowProcessor(config, models, producer, inference, stats)  # type: ignore[arg-type]
     stop = anyio.Event()
-    async with ControlPlane(config, log=FakeControlLog()) as control:  # type: ignore[arg-type]
+    control_log = control_log or FakeControlLog()
+    async with ControlPlane(config, log=control_log) as control:  # type: ignore[arg-type]
         await control.replay()
-        migration = MigrationWorker(config, control, stats, reader=FakeReader(log))  # type: ignore[arg-type]
+        heard.control = control
+        reader = FakeReader(log)
+        migration = MigrationWorker(
+            config,
+            control,
+            stats,
+            reader=reader,  # type: ignore[arg-type]
+            store=store,
+            backfill=backfill,
+        )
         live = LiveConsumer(config, consumer, processor, control, migration, heard)  # type: ignore[arg-type]
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(control.tail)

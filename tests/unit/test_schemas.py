@@ -22,6 +22,11 @@ from schemas import (
     decode_embedding,
 )
 from schemas.control import ControlEvent, ModelFingerprint
+from schemas.deadletter import (
+    DeadLetterHeaders,
+    decode_dead_letter_headers,
+    encode_dead_letter_headers,
+)
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
 SAMPLES_V2 = SAMPLES.parent / "v2"
@@ -94,6 +99,35 @@ def test_v2_samples_decode() -> None:
     )
     assert v1_status.fingerprints is None
     assert msgspec.structs.replace(status, fingerprints=None) == v1_status
+
+
+def dead_letter_sample(path: Path) -> list[tuple[str, bytes]]:
+    """A DLQ record's headers as stored: [name, UTF-8 value] pairs."""
+    pairs = msgspec.json.decode(path.read_bytes(), type=list[tuple[str, str]])
+    return [(name, value.encode("utf-8")) for name, value in pairs]
+
+
+def test_dead_letter_header_samples_decode_and_v2_adds_only_the_model() -> None:
+    v1_headers = dead_letter_sample(SAMPLES / "dead_letter_headers.json")
+    v1 = decode_dead_letter_headers(v1_headers)
+    assert v1 == DeadLetterHeaders(
+        topic="atoms",
+        partition=2,
+        offset=41,
+        stage="validate",
+        error_class="ValidationError",
+        error="Expected `str`, got `int` - at `$.text`",
+    )
+    assert v1.model is None and v1.source() == "atoms/2/41"
+    assert encode_dead_letter_headers(v1) == v1_headers[1:], "v1 encodes as it did"
+    v2_headers = dead_letter_sample(SAMPLES_V2 / "dead_letter_headers.json")
+    v2 = decode_dead_letter_headers(v2_headers)
+    assert (v2.model, v2.stage, v2.error_class) == ("bge-small", "validate", "OverlongInput")
+    assert encode_dead_letter_headers(v2) == v2_headers[1:]
+    later = decode_dead_letter_headers([*v2_headers, ("lattice.dlq.retry-of", b"x")])
+    assert later == v2, "headers of a later version are ignored"
+    with pytest.raises(msgspec.ValidationError, match="stage"):
+        decode_dead_letter_headers([(n, v) for n, v in v1_headers if n != "lattice.dlq.stage"])
 
 
 def test_msgpack_sample_decodes_to_the_json_sample_at_float32() -> None:
