@@ -36,6 +36,9 @@ from schemas.routing import (
 )
 
 ACTIVE = (MigrationState.IN_PROGRESS, MigrationState.PAUSED, MigrationState.FAILED)
+# Bump whenever `apply` would fold some control log differently: routing snapshots written
+# by another fold version are then ignored and the log is replayed from its start.
+FOLD_VERSION = 1
 _EMPTY: Mapping[int, int] = MappingProxyType({})
 _NO_FINGERPRINTS: Mapping[str, str] = MappingProxyType({})
 

@@ -38,6 +38,16 @@ def event_log_configs() -> dict[str, str]:
     }
 
 
+def snapshot_configs() -> dict[str, str]:
+    """Routing snapshots: compacted (the latest per key stays), in small segments so the
+    cleaner can reclaim superseded ones; a snapshot of a 100-partition migration is ~10 KB."""
+    return {
+        "cleanup.policy": "compact",
+        "segment.bytes": str(16 * 1024 * 1024),
+        "max.message.bytes": str(MAX_REQUEST_BYTES),
+    }
+
+
 def output_configs() -> dict[str, str]:
     """Output topics accept records up to the processor's request size."""
     return {"max.message.bytes": str(MAX_REQUEST_BYTES)}

@@ -1,6 +1,10 @@
-"""The control topic's one partition: read from the start, tail, append; publish statuses."""
+"""The control topic's one partition: read from the start (or a snapshot's offset), tail,
+append; publish statuses and snapshots, read the latest snapshots."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -56,13 +60,64 @@ class ControlLog:
             ends = await self._offsets.end_offsets([self._tp])
         return int(ends[self._tp])
 
+    async def seek(self, offset: int) -> None:
+        """Read the control log on from `offset` (the next fetch starts there)."""
+        async with kafka_errors("control plane", self._kafka.bootstrap_servers):
+            self._consumer.seek(self._tp, offset)
+
+    async def read_latest(self, topic: str, count: int) -> list[SourceRecord]:
+        """The last `count` records (or fewer) of partition 0 of `topic`; none if it is missing.
+
+        For the compacted snapshots topic: a reader of its own, so the control partition's
+        position is untouched.
+        """
+        reader = make_consumer(self._kafka, group_id=None)
+        tp = TopicPartition(topic, 0)
+        records: list[SourceRecord] = []
+        async with kafka_errors("routing snapshots", self._kafka.bootstrap_servers):
+            await reader.start()
+            try:
+                if topic not in await reader.topics():
+                    return []
+                reader.assign([tp])
+                start = (await reader.beginning_offsets([tp]))[tp]
+                end = (await reader.end_offsets([tp]))[tp]
+                reader.seek(tp, max(start, end - count))
+                # Compaction leaves gaps: the position, not the last offset, says when it is done.
+                while await reader.position(tp) < end:
+                    fetched = await reader.getmany(tp, timeout_ms=1000)
+                    records += [to_source_record(m) for m in fetched.get(tp, [])]
+            finally:
+                await reader.stop()
+        return records[-count:]
+
+    async def append_many(self, key: bytes, values: Sequence[bytes]) -> None:
+        """Write many records in large batches, in order (simulated logs for benchmarks)."""
+        pending: list[Any] = []
+        async with kafka_errors("control append", self._kafka.bootstrap_servers):
+            index = 0
+            while index < len(values):
+                batch = self._producer.create_batch()
+                while index < len(values):
+                    if batch.append(key=key, value=values[index], timestamp=None) is None:
+                        break  # the batch is full
+                    index += 1
+                pending.append(await self._producer.send_batch(batch, self._tp.topic, partition=0))
+                if len(pending) >= 8:  # bound the batches in flight
+                    await pending.pop(0)
+            for delivered in pending:
+                await delivered
+
     async def append(self, key: bytes, value: bytes) -> int:
         """Write one record; returns its offset once acknowledged."""
         async with kafka_errors("control append", self._kafka.bootstrap_servers):
             metadata = await (await self._producer.send(self._tp.topic, value, key))
         return int(metadata.offset)
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """Send a record to another topic (the routing status) without waiting for its ack."""
+    async def publish(self, topic: str, key: bytes, value: bytes, *, acked: bool = False) -> None:
+        """Send a record to another topic (routing status, snapshots); `acked` waits for the
+        broker's acknowledgement, otherwise it is only queued."""
         async with kafka_errors("routing status", self._kafka.bootstrap_servers):
-            await self._producer.send(topic, value, key)
+            delivered = await self._producer.send(topic, value, key)
+            if acked:
+                await delivered

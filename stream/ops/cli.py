@@ -206,6 +206,26 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         default=20.0,
         help="time limit per --serve concurrency level in seconds (default 20)",
     )
+    bench.add_argument(
+        "--control-log",
+        action="store_true",
+        help="also measure a cold start-up replay of the control log: a simulated migration "
+        "(--control-partitions, --control-hours) with checkpoints once a second (v1) and at "
+        "[backfill] checkpoint_interval_secs, each replayed in full and from a routing "
+        "snapshot plus a tail of [control] snapshot_every - 1 records (needs no model)",
+    )
+    bench.add_argument(
+        "--control-partitions",
+        type=int,
+        default=100,
+        help="partitions of the simulated --control-log migration (default 100)",
+    )
+    bench.add_argument(
+        "--control-hours",
+        type=float,
+        default=24.0,
+        help="hours of backfill checkpoints in the simulated --control-log (default 24)",
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(

@@ -54,6 +54,9 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 serve_levels=(1, 16, 64) if args.serve else None,
                 serve_requests=args.serve_requests,
                 serve_secs=args.serve_secs,
+                control_log=(args.control_partitions, args.control_hours)
+                if args.control_log
+                else None,
             )
         )
     finally:

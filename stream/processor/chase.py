@@ -20,8 +20,6 @@ from stream.processor.handoffs import Handoffs
 from stream.processor.sensors import ProcessorStats
 from stream.processor.window import WindowProcessor
 
-CHECKPOINT_INTERVAL_SECS = 1.0
-
 
 class Chase:
     """One partition chasing the live head for a `dual_write = false` migration."""
@@ -82,7 +80,10 @@ class Chase:
 
     async def _checkpoint(self, offset: int, *, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._checkpointed_at < CHECKPOINT_INTERVAL_SECS:
+        if (
+            not force
+            and now - self._checkpointed_at < self._config.backfill.checkpoint_interval_secs
+        ):
             return
         await self._control.append(
             BackfillProgress(

@@ -94,7 +94,15 @@ async def open_processor(
         context.control = control
         state = await control.replay()
         context.health.control_replayed = True
-        log.info("control log replayed to offset %s: %s", state.control_offset, state.status())
+        log.info(
+            "control log replayed to offset %s (%s, %d records folded): %s",
+            state.control_offset,
+            "no snapshot"
+            if control.resumed_from is None
+            else f"from the snapshot to offset {control.resumed_from}",
+            control.folded_records,
+            state.status(),
+        )
         state = await record_fingerprints(control, context.models, config)
         writes = state.routing_config().write_models
         for model in _needed_models(state):

@@ -1,7 +1,11 @@
 """The control plane: replay the control log at start-up, tail it, append to it, publish status.
 
-Every instance (and every CLI call) rebuilds the routing from the whole log, so all of them
-agree (G5). The log's record times are the broker's (LogAppendTime).
+Every instance (and every CLI call) rebuilds the routing from the log, so all of them agree
+(G5). The log's record times are the broker's (LogAppendTime). A start-up folds on from the
+latest usable routing snapshot (`stream/core/snapshot.py` says why and when one is usable)
+and replays only the records after it; processors write a snapshot every
+`[control] snapshot_every` records. Without a usable snapshot the whole log is replayed, as
+before snapshots existed, to the same state.
 """
 
 from __future__ import annotations
@@ -14,14 +18,28 @@ import msgspec
 
 from schemas.control import ControlEvent, WindowClosed
 from schemas.routing import MigrationState, RoutingStatus
+from schemas.snapshot import RoutingSnapshot
 from stream.config import Config
+from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState, apply, initial_state, reject_malformed
+from stream.core.snapshot import (
+    FoldBasis,
+    FoldPoint,
+    latest_usable,
+    snapshot_due,
+    snapshot_of,
+    state_of,
+)
 from stream.kafka.control_log import ControlLog
 
 log = logging.getLogger(__name__)
 
 ROUTING_KEY = b"routing"
+# Snapshots read at start-up: several instances write them, so the newest record is not
+# always the furthest; any usable one is exact, the furthest leaves the shortest tail.
+SNAPSHOTS_READ = 16
 _decoder = msgspec.json.Decoder(ControlEvent)
+_snapshot_decoder = msgspec.json.Decoder(RoutingSnapshot)
 _encoder = msgspec.json.Encoder()
 
 
@@ -34,16 +52,29 @@ class ControlPlane:
     """The routing state, kept current from the control topic."""
 
     def __init__(
-        self, config: Config, *, publish_status: bool = False, log: ControlLog | None = None
+        self,
+        config: Config,
+        *,
+        publish_status: bool = False,
+        write_snapshots: bool | None = None,
+        log: ControlLog | None = None,
     ) -> None:
+        """`publish_status` and `write_snapshots` (default: as `publish_status`) are for
+        processors; read-only users (CLI, serve) still start from snapshots."""
         self._config = config
         self._publish = publish_status
+        self._write_snapshots = publish_status if write_snapshots is None else write_snapshots
         self._log = log or ControlLog(config.kafka, config.topics.control)
+        self._basis = FoldBasis(config.routing.stable_model, frozenset(config.models))
         self.state: RoutingState = initial_state(config.routing.stable_model, set(config.models))
         self._next_offset = 0
+        self._last: tuple[int, int] | None = None  # offset and timestamp of the last record
+        self._snapshot_offset = 0  # the offset the latest snapshot known covers up to
         self._changed = anyio.Event()
         self._published: RoutingStatus | None = None
         self.replayed = anyio.Event()
+        self.folded_records = 0  # control records this instance folded (not from a snapshot)
+        self.resumed_from: int | None = None  # the snapshot's offset a replay started from
 
     async def __aenter__(self) -> ControlPlane:
         await self._log.__aenter__()
@@ -54,11 +85,17 @@ class ControlPlane:
             await self._log.__aexit__(*exc_info)
 
     async def replay(self) -> RoutingState:
-        """Apply the log up to its end offset taken now (an empty fetch is not the end)."""
+        """Apply the log up to its end offset taken now (an empty fetch is not the end).
+
+        A first replay starts from the latest usable snapshot when there is one.
+        """
         end = await self._log.end_offset()
+        if self._next_offset == 0 and self._config.control.snapshot_every > 0:
+            await self._resume_from_snapshot(end)
         while self._next_offset < end:
             await self._fetch_and_apply(timeout_ms=1000)
         self.replayed.set()
+        await self._snapshot_if_due()
         await self._publish_status()
         return self.state
 
@@ -91,7 +128,9 @@ class ControlPlane:
         return self.state
 
     async def _fetch_and_apply(self, *, timeout_ms: int) -> None:
-        messages = await self._log.fetch(timeout_ms=timeout_ms)
+        await self._apply_records(await self._log.fetch(timeout_ms=timeout_ms))
+
+    async def _apply_records(self, messages: list[SourceRecord]) -> None:
         for message in messages:
             at = record_time(message.timestamp_ms or 0)
             try:
@@ -101,6 +140,8 @@ class ControlPlane:
             else:
                 self.state = apply(self.state, event, message.offset, at)
             self._next_offset = message.offset + 1
+            self._last = (message.offset, message.timestamp_ms or 0)
+        self.folded_records += len(messages)
         if messages:
             rejection = self.state.last_rejection
             last_at = record_time(messages[-1].timestamp_ms or 0)
@@ -109,6 +150,7 @@ class ControlPlane:
             changed, self._changed = self._changed, anyio.Event()
             changed.set()
             if self.replayed.is_set():
+                await self._snapshot_if_due()
                 await self._publish_status()
         else:
             position = await self._log.position()
@@ -116,6 +158,71 @@ class ControlPlane:
                 self._next_offset = position
                 changed, self._changed = self._changed, anyio.Event()
                 changed.set()
+
+    async def _resume_from_snapshot(self, end: int) -> None:
+        """Start from the latest usable snapshot, once the log is seen to hold its last record.
+
+        Any doubt (nothing usable, a record that differs: a recreated topic) leaves the fold
+        at offset 0, so the whole log is replayed.
+        """
+        snapshots: list[RoutingSnapshot] = []
+        for record in await self._log.read_latest(self._config.topics.snapshots(), SNAPSHOTS_READ):
+            try:
+                snapshots.append(_snapshot_decoder.decode(record.value or b""))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("routing snapshot at offset %d ignored: %s", record.offset, exc)
+        snapshot, skipped = latest_usable(
+            snapshots, self._basis, control_topic=self._config.topics.control, end_offset=end
+        )
+        for reason in skipped:
+            log.info("routing %s (ignored)", reason)
+        if snapshot is None:
+            return
+        await self._log.seek(snapshot.last_offset)
+        messages: list[SourceRecord] = []
+        while not messages:  # the first fetch after a seek can come back empty
+            messages = await self._log.fetch(timeout_ms=1000)
+        first = messages[0]
+        if (first.offset, first.timestamp_ms) != (snapshot.last_offset, snapshot.last_timestamp_ms):
+            log.warning(
+                "routing snapshot to offset %d does not match the control log (record %d at "
+                "%s ms); replaying the whole log",
+                snapshot.next_offset,
+                first.offset,
+                first.timestamp_ms,
+            )
+            await self._log.seek(0)
+            return
+        self.state = state_of(snapshot)
+        self._next_offset = snapshot.next_offset
+        self._last = (snapshot.last_offset, snapshot.last_timestamp_ms)
+        self._snapshot_offset = snapshot.next_offset
+        self.resumed_from = snapshot.next_offset
+        await self._apply_records([m for m in messages if m.offset >= snapshot.next_offset])
+
+    async def _snapshot_if_due(self) -> None:
+        """A processor writes the fold every `[control] snapshot_every` records."""
+        every = self._config.control.snapshot_every
+        if self._write_snapshots and snapshot_due(self._next_offset, self._snapshot_offset, every):
+            await self.write_snapshot()
+
+    async def write_snapshot(self) -> int | None:
+        """Write the current fold to the snapshots topic; returns the offset it covers up to
+        (None before any record was folded: there is nothing to snapshot)."""
+        if self._last is None:
+            return None
+        point = FoldPoint(self._next_offset, *self._last)
+        snapshot = snapshot_of(
+            self.state, self._basis, point, control_topic=self._config.topics.control
+        )
+        # Acknowledged: a snapshot every `snapshot_every` records can afford the round trip,
+        # and a caller that stops next (or measures a restart) finds it on the topic.
+        await self._log.publish(
+            self._config.topics.snapshots(), ROUTING_KEY, _encoder.encode(snapshot), acked=True
+        )
+        self._snapshot_offset = self._next_offset
+        log.debug("routing snapshot written to offset %d", self._next_offset)
+        return self._next_offset
 
     async def _publish_status(self) -> None:
         if not self._publish:

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 SCAN_RECORDS = 2000
 # Records read per emission step; the model budget then decides how many are embedded.
 EMIT_READ_RECORDS = 500
-CHECKPOINT_INTERVAL_SECS = 1.0
 INITIAL_SECS_PER_BYTE = 1 / 20_000
 
 
@@ -207,9 +206,13 @@ class PartitionBackfill:
         await self._checkpoint(force=reached >= self.handoff)
 
     async def _checkpoint(self, *, force: bool = False) -> None:
-        """Progress in the control log: at most once a second, always at phase ends."""
+        """Progress in the control log: at most once per `[backfill] checkpoint_interval_secs`,
+        always at phase ends."""
         now = time.monotonic()
-        if not force and now - self._checkpointed_at < CHECKPOINT_INTERVAL_SECS:
+        if (
+            not force
+            and now - self._checkpointed_at < self._config.backfill.checkpoint_interval_secs
+        ):
             return
         counts = self._keys.counts()
         counted = self._keys_reached() >= self.handoff

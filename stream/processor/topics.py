@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 
 from stream.config import Config
-from stream.kafka.admin import Admin, TopicSpec, event_log_configs, output_configs
+from stream.kafka.admin import (
+    Admin,
+    TopicSpec,
+    event_log_configs,
+    output_configs,
+    snapshot_configs,
+)
 
 log = logging.getLogger(__name__)
 
 
 def owned_topics(config: Config, partitions: int) -> list[TopicSpec]:
-    """Every topic the processor creates when missing: outputs, dead letters, control, routing."""
+    """Every topic the processor creates when missing: outputs, dead letters, control, routing,
+    routing snapshots."""
     topics = config.topics
     replicas = topics.replication_factor
     specs = [
@@ -21,6 +28,7 @@ def owned_topics(config: Config, partitions: int) -> list[TopicSpec]:
     specs.append(TopicSpec(topics.dlq, partitions, replicas, output_configs()))
     specs.append(TopicSpec(topics.control, 1, replicas, event_log_configs()))
     specs.append(TopicSpec(topics.routing, 1, replicas, {"cleanup.policy": "compact"}))
+    specs.append(TopicSpec(topics.snapshots(), 1, replicas, snapshot_configs()))
     return specs
 
 

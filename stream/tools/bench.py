@@ -282,13 +282,18 @@ async def run_bench(
     serve_levels: Sequence[int] | None = None,
     serve_requests: int = 512,
     serve_secs: float = 20.0,
+    control_log: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
-    """Run every measurement; write JSON and a PNG plot under `out`; return the report."""
+    """Run every measurement; write JSON and a PNG plot under `out`; return the report.
+
+    `control_log` (partitions, hours) adds the control-log replay measurement, which needs
+    no model: the model is loaded only for the measurements that use it.
+    """
     pool = ModelPool(config)
     model = config.routing.stable_model
-    embedder = await pool.get(model)
     results: list[WorkloadResult] = []
     for name in workloads:
+        embedder = await pool.get(model)
         result = await _workload(config, pool, embedder, name, atoms, runs, load_secs)
         results.append(result)
         log.info(
@@ -313,6 +318,7 @@ async def run_bench(
     }
     if dual is not None:
         texts = workload_texts("mixed", atoms)
+        embedder = await pool.get(model)
         second = await pool.get(dual)
         a = median([(await anyio.to_thread.run_sync(model_only, embedder, texts)).seconds])
         b = median([(await anyio.to_thread.run_sync(model_only, second, texts)).seconds])
@@ -350,5 +356,10 @@ async def run_bench(
         report["serve"] = await serve_throughput(
             config, pool, serve_levels, requests=serve_requests, secs=serve_secs
         )
+    if control_log is not None:
+        from stream.tools.benchcontrol import control_log_replay
+
+        partitions, hours = control_log
+        report["control_log"] = await control_log_replay(config, partitions=partitions, hours=hours)
     await anyio.to_thread.run_sync(write_report, report, results, out)
     return report

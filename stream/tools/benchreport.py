@@ -146,6 +146,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
             f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
         )
+    if "control_log" in report:
+        lines += control_log_lines(report["control_log"])
     if "serve" in report:
         from stream.serve.bench import format_serve_table
 
@@ -155,3 +157,23 @@ def format_table(report: dict[str, Any]) -> str:
         )
         lines.append(format_serve_table(s))
     return "\n".join(lines)
+
+
+def control_log_lines(c: dict[str, Any]) -> list[str]:
+    """The control-log replay measurement: cold start-up replays before and after."""
+    lines = [
+        f"control log, simulated {c['hours']:g} h migration over {c['partitions']} partitions "
+        f"(cold start-up replay; snapshot every {c['snapshot_every']} records):",
+        f"{'checkpoints':>12} {'records':>10} {'full replay':>12} {'rec/s':>8} "
+        f"{'snapshot+tail':>14} {'tail':>6}",
+    ]
+    for name in ("before", "after"):
+        run = c[name]
+        full, snap = run["full_replay"], run["snapshot_replay"]
+        lines.append(
+            f"{'every ' + format(c['checkpoint_secs'][name], 'g') + ' s':>12} "
+            f"{run['records']:>10,} {full['seconds']:>11.1f}s "
+            f"{full['records_folded'] / full['seconds']:>8,.0f} "
+            f"{snap['seconds']:>13.2f}s {snap['records_folded']:>6,}"
+        )
+    return lines

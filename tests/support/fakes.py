@@ -252,5 +252,20 @@ class FakeControlLog:
         appended.set()
         return offset
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    async def seek(self, offset: int) -> None:
+        self._position = offset
+
+    async def read_latest(self, topic: str, count: int) -> list[SourceRecord]:
+        values = [value for name, value in self.published if name == topic]
+        records = [
+            SourceRecord(topic, 0, offset, b"routing", value, (), self.now_ms)
+            for offset, value in enumerate(values)
+        ]
+        return records[-count:]
+
+    async def append_many(self, key: bytes, values: Sequence[bytes]) -> None:
+        for value in values:
+            await self.append(key, value)
+
+    async def publish(self, topic: str, key: bytes, value: bytes, *, acked: bool = False) -> None:
         self.published.append((topic, value))
