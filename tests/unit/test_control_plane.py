@@ -1,15 +1,20 @@
-"""The control plane on a fake control log: replay, rejections, status, sync."""
+"""The control plane on a fake control log: replay, rejections, status, sync, snapshots."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import anyio
 import msgspec
 import pytest
 
-from schemas.control import StartMigration
-from schemas.routing import RoutingStatus
+from schemas.control import BackfillProgress, ControlEvent, HandoffRecorded, StartMigration
+from schemas.routing import MigrationState, RoutingStatus
+from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
 from stream.config import Config, ModelConfig
-from stream.processor.control import ROUTING_KEY, ControlPlane
+from stream.core.routing import RoutingState, apply, initial_state
+from stream.core.snapshot import FoldBasis, FoldPoint, snapshot_of
+from stream.processor.control import ROUTING_KEY, ControlPlane, record_time
 from tests.support.fakes import FakeControlLog
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -73,3 +78,130 @@ async def test_an_append_returns_its_offset_and_wait_applied_sees_it() -> None:
     assert offset == 0
     assert state.last_rejection is not None and state.last_rejection.migration_id == "m1"
     assert state.status().write_models == ["a"], "a rejected command changes nothing"
+
+
+SNAPSHOTTED = msgspec.structs.replace(
+    CONFIG, control=msgspec.structs.replace(CONFIG.control, snapshot_every=3)
+)
+NO_SNAPSHOTS = msgspec.structs.replace(
+    CONFIG, control=msgspec.structs.replace(CONFIG.control, snapshot_every=0)
+)
+SNAPSHOTS_TOPIC = "embed.control.snapshots"
+
+
+def migration_log(log: FakeControlLog) -> list[bytes]:
+    events = [
+        StartMigration(migration_id="m1", source_model="a", target_model="b"),
+        HandoffRecorded(migration_id="m1", partition=0, offset=10, log_start=0, partitions=2),
+        HandoffRecorded(migration_id="m1", partition=1, offset=10, log_start=0, partitions=2),
+    ] + [BackfillProgress(migration_id="m1", partition=p % 2, offset=p) for p in range(1, 8)]
+    return [msgspec.json.encode(e) for e in events]
+
+
+def snapshots(log: FakeControlLog) -> list[RoutingSnapshot]:
+    return [
+        msgspec.json.decode(value, type=RoutingSnapshot)
+        for topic, value in log.published
+        if topic == SNAPSHOTS_TOPIC
+    ]
+
+
+def reopened(log: FakeControlLog) -> FakeControlLog:
+    """The same log and topics as another client (an instance that starts) reads them."""
+    fresh = FakeControlLog(now_ms=log.now_ms)
+    fresh.records, fresh.published = log.records, log.published
+    return fresh
+
+
+async def full_replay(log: FakeControlLog) -> ControlPlane:
+    async with ControlPlane(NO_SNAPSHOTS, log=reopened(log)) as control:  # type: ignore[arg-type]
+        await control.replay()
+    return control
+
+
+async def test_a_restart_folds_the_latest_snapshot_and_only_the_records_after_it() -> None:
+    log = FakeControlLog()
+    for value in migration_log(log)[:8]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+    assert [(s.next_offset, s.last_offset) for s in snapshots(log)] == [(8, 7)]
+    for value in migration_log(log)[8:]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, log=reopened(log)) as restarted:  # type: ignore[arg-type]
+        state = await restarted.replay()
+    full = await full_replay(log)
+    assert state == full.state and state.control_offset == 9
+    assert (restarted.resumed_from, restarted.folded_records) == (8, 2)
+    assert (full.resumed_from, full.folded_records) == (None, 10)
+    assert len(snapshots(log)) == 1, "a read-only control plane writes no snapshot"
+
+
+async def test_a_tailing_processor_snapshots_every_snapshot_every_records() -> None:
+    log = FakeControlLog()
+    values = migration_log(log)
+    for value in values[:8]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(processor.tail)
+            offsets = [await log.append(ROUTING_KEY, value) for value in values[8:]]
+            offsets.append(await log.append(ROUTING_KEY, values[4]))
+            with anyio.fail_after(5):
+                await processor.wait_applied(offsets[-1])
+            tasks.cancel_scope.cancel()
+    assert [s.next_offset for s in snapshots(log)] == [8, 11]
+    assert snapshots(log)[-1].migration == snapshot_migration((await full_replay(log)).state)
+
+
+def snapshot_migration(state: RoutingState) -> MigrationSnapshot | None:
+    basis = FoldBasis("a", frozenset({"a", "b"}))
+    return snapshot_of(state, basis, FoldPoint(1, 0, 0), control_topic="c").migration
+
+
+async def test_a_snapshot_of_another_log_is_ignored_and_the_whole_log_replayed() -> None:
+    log = FakeControlLog()
+    for value in migration_log(log)[:8]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+    recreated = FakeControlLog(now_ms=log.now_ms + 1)  # the topic deleted and written anew
+    recreated.published = log.published
+    for value in migration_log(recreated)[:9]:
+        await recreated.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, log=recreated) as restarted:  # type: ignore[arg-type]
+        state = await restarted.replay()
+    assert (restarted.resumed_from, restarted.folded_records) == (None, 9)
+    assert state == (await full_replay(recreated)).state
+
+
+async def test_with_snapshots_off_none_is_written_or_read() -> None:
+    log = FakeControlLog()
+    for value in migration_log(log)[:8]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+    async with ControlPlane(NO_SNAPSHOTS, publish_status=True, log=reopened(log)) as control:  # type: ignore[arg-type]
+        await control.replay()
+    assert (control.resumed_from, control.folded_records) == (None, 8)
+    assert len(snapshots(log)) == 1, "only the first processor wrote one"
+
+
+V1_LOG = (
+    Path(__file__).resolve().parents[1] / "samples" / "v1" / "control_commands.jsonl"
+).read_bytes()
+
+
+async def test_a_v1_log_without_snapshots_replays_as_the_pure_fold() -> None:
+    config = Config(models={"minilm": ModelConfig(), "bge-small": ModelConfig(path="/m/bge")})
+    log = FakeControlLog()
+    expected = initial_state("minilm", {"minilm", "bge-small"})
+    for line in V1_LOG.splitlines():
+        offset = await log.append(ROUTING_KEY, line)
+        event = msgspec.json.decode(line, type=ControlEvent)
+        expected = apply(expected, event, offset, record_time(log.now_ms))
+    async with ControlPlane(config, log=log) as control:  # type: ignore[arg-type]
+        state = await control.replay()
+    assert state == expected and control.resumed_from is None
+    assert state.migration is not None and state.migration.state is MigrationState.CANCELLED

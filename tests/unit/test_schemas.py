@@ -27,6 +27,8 @@ from schemas.deadletter import (
     decode_dead_letter_headers,
     encode_dead_letter_headers,
 )
+from schemas.snapshot import RoutingSnapshot
+from stream.core.snapshot import state_of
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
 SAMPLES_V2 = SAMPLES.parent / "v2"
@@ -128,6 +130,19 @@ def test_dead_letter_header_samples_decode_and_v2_adds_only_the_model() -> None:
     assert later == v2, "headers of a later version are ignored"
     with pytest.raises(msgspec.ValidationError, match="stage"):
         decode_dead_letter_headers([(n, v) for n, v in v1_headers if n != "lattice.dlq.stage"])
+
+
+def test_v2_routing_snapshot_sample_decodes_to_the_routing_status_sample() -> None:
+    snapshot = msgspec.json.decode(
+        (SAMPLES_V2 / "routing_snapshot.json").read_bytes(), type=RoutingSnapshot
+    )
+    assert (snapshot.fold_version, snapshot.next_offset, snapshot.last_offset) == (1, 18, 17)
+    assert snapshot.migration is not None and snapshot.migration.counts[1] == (500, 2400)
+    status = msgspec.json.decode(
+        (SAMPLES_V2 / "routing_status.json").read_bytes(), type=RoutingStatus
+    )
+    assert state_of(snapshot).status() == status
+    assert msgspec.json.decode(msgspec.json.encode(snapshot), type=RoutingSnapshot) == snapshot
 
 
 def test_msgpack_sample_decodes_to_the_json_sample_at_float32() -> None:
