@@ -30,6 +30,7 @@ from stream.core.snapshot import (
     snapshot_of,
     state_of,
 )
+from stream.errors import LatticeError
 from stream.kafka.control_log import ControlLog
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,14 @@ class ControlPlane:
         Any doubt (nothing usable, a record that differs: a recreated topic) leaves the fold
         at offset 0, so the whole log is replayed.
         """
+        topic = self._config.topics.snapshots()
+        try:
+            records = await self._log.read_latest(topic, SNAPSHOTS_READ)
+        except LatticeError as exc:  # an optimisation: never a reason not to start
+            log.warning("routing snapshots on %s unreadable (%s); replaying the log", topic, exc)
+            return
         snapshots: list[RoutingSnapshot] = []
-        for record in await self._log.read_latest(self._config.topics.snapshots(), SNAPSHOTS_READ):
+        for record in records:
             try:
                 snapshots.append(_snapshot_decoder.decode(record.value or b""))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -204,7 +211,11 @@ class ControlPlane:
         """A processor writes the fold every `[control] snapshot_every` records."""
         every = self._config.control.snapshot_every
         if self._write_snapshots and snapshot_due(self._next_offset, self._snapshot_offset, every):
-            await self.write_snapshot()
+            try:
+                await self.write_snapshot()
+            except LatticeError as exc:  # the log stays the truth; the next start folds more
+                self._snapshot_offset = self._next_offset  # retried `every` records later
+                log.warning("routing snapshot not written (%s)", exc)
 
     async def write_snapshot(self) -> int | None:
         """Write the current fold to the snapshots topic; returns the offset it covers up to

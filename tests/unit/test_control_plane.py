@@ -12,8 +12,10 @@ from schemas.control import BackfillProgress, ControlEvent, HandoffRecorded, Sta
 from schemas.routing import MigrationState, RoutingStatus
 from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
 from stream.config import Config, ModelConfig
+from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState, apply, initial_state
 from stream.core.snapshot import FoldBasis, FoldPoint, snapshot_of
+from stream.errors import NotAuthorized
 from stream.processor.control import ROUTING_KEY, ControlPlane, record_time
 from tests.support.fakes import FakeControlLog
 
@@ -205,3 +207,26 @@ async def test_a_v1_log_without_snapshots_replays_as_the_pure_fold() -> None:
         state = await control.replay()
     assert state == expected and control.resumed_from is None
     assert state.migration is not None and state.migration.state is MigrationState.CANCELLED
+
+
+class LockedSnapshots(FakeControlLog):
+    """A cluster whose ACLs deny this principal the snapshots topic."""
+
+    async def read_latest(self, topic: str, count: int) -> list[SourceRecord]:
+        raise NotAuthorized(f"not authorized to read {topic}")
+
+    async def publish(self, topic: str, key: bytes, value: bytes, *, acked: bool = False) -> None:
+        if topic == SNAPSHOTS_TOPIC:
+            raise NotAuthorized(f"not authorized to write {topic}")
+        await super().publish(topic, key, value, acked=acked)
+
+
+async def test_a_snapshots_topic_it_may_not_use_only_costs_a_full_replay() -> None:
+    log = LockedSnapshots()
+    for value in migration_log(log)[:8]:
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(SNAPSHOTTED, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        state = await processor.replay()
+    assert (processor.resumed_from, processor.folded_records) == (None, 8)
+    assert state == (await full_replay(log)).state
+    assert [topic for topic, _ in log.published] == ["embed.routing"], "status still published"
