@@ -156,7 +156,8 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     bench = commands.add_parser(
         "bench",
         parents=[common],
-        help="measure model-only and end-to-end throughput (and latency) in one run",
+        help="measure model-only and end-to-end throughput (and latency) in one run; "
+        "--control-log: the control log's start-up replay before and after snapshots",
     )
     bench.add_argument(
         "--workloads", default="short,medium,long,mixed", help="comma-separated, or none"
