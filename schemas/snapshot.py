@@ -67,4 +67,3 @@ class RoutingSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime | None = None
     last_rejection: Rejection | None = None
     fingerprints: dict[str, str] = msgspec.field(default_factory=dict)
-
