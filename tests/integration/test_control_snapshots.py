@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas.control import Rollback
+from schemas.control import Finalize, Rollback
 from schemas.routing import MigrationState, RoutingStatus
 from schemas.snapshot import RoutingSnapshot
 from stream.config import Config
@@ -64,6 +64,18 @@ async def test_a_processor_restarted_after_snapshotting_recovers_the_full_replay
         await drained(bootstrap, running, atoms)
     lines = [r.getMessage() for r in caplog.records if "control log replayed" in r.getMessage()]
     assert len(lines) == 1 and f"from the snapshot to offset {latest}," in lines[0]
+    statuses = await read_all(bootstrap, config.topics.routing)
+    published = msgspec.json.decode(statuses[-1].value, type=RoutingStatus)
+    at_restart = await replayed(with_snapshots(config, every=0))
+    assert published == at_restart.state.status(), "the restarted processor's routing"
+    # The restarted processor snapshots what it folded (when that was `every` records or
+    # more); a rejected command after it leaves a tail again, a rejection included.
+    accepted, _ = await send_command(config, Finalize(migration_id="m1"))
+    assert not accepted
+    latest = max(
+        msgspec.json.decode(r.value, type=RoutingSnapshot).next_offset
+        for r in await read_all(bootstrap, config.topics.snapshots())
+    )
 
     full = await replayed(with_snapshots(config, every=0))
     restarted = await replayed(config)
@@ -72,6 +84,5 @@ async def test_a_processor_restarted_after_snapshotting_recovers_the_full_replay
     assert restarted.state == full.state, "G5: the snapshot's fold equals the full replay"
     assert full.state.migration is not None
     assert full.state.migration.state is MigrationState.ROLLED_BACK
-    statuses = await read_all(bootstrap, config.topics.routing)
-    last = msgspec.json.decode(statuses[-1].value, type=RoutingStatus)
-    assert last == full.state.status(), "the restarted processor publishes the same routing"
+    assert full.state.last_rejection is not None
+    assert full.state.last_rejection.command == "finalize"
