@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
@@ -22,8 +23,8 @@ from schemas.control import (
     WindowClosed,
 )
 from schemas.routing import MigrationState, Rejection
-from schemas.snapshot import RoutingSnapshot
-from stream.core.routing import FOLD_VERSION, RoutingState, apply, initial_state
+from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
+from stream.core.routing import FOLD_VERSION, Migration, RoutingState, apply, initial_state
 from stream.core.snapshot import (
     FoldBasis,
     FoldPoint,
@@ -195,3 +196,13 @@ def test_a_snapshot_is_due_every_so_many_records(
     next_offset: int, snapshot_offset: int, every: int, due: bool
 ) -> None:
     assert snapshot_due(next_offset, snapshot_offset, every) is due
+
+
+def test_a_snapshot_has_a_field_for_every_field_of_the_fold_state() -> None:
+    # A field added to the fold state without one here would be lost by every restart.
+    assert {f.name for f in dataclasses.fields(Migration)} == set(
+        MigrationSnapshot.__struct_fields__
+    )
+    state_fields = {f.name for f in dataclasses.fields(RoutingState)} - {"models"}
+    assert state_fields <= set(RoutingSnapshot.__struct_fields__)
+    assert "basis_models" in RoutingSnapshot.__struct_fields__  # `models` is the basis
