@@ -4,12 +4,14 @@ from schemas.atoms import AtomCreated, AtomDeleted, AtomEvent, InvalidAtom, deco
 from schemas.control import (
     BackfillConfig,
     CancelMigration,
+    CancelReplay,
     ControlCommand,
     Finalize,
     PauseMigration,
     ResumeMigration,
     Rollback,
     StartMigration,
+    StartReplay,
 )
 from schemas.embeddings import EmbeddingRecord, PackedEmbeddingRecord, SourceRef, decode_embedding
 from schemas.errors import LatticeError
@@ -18,6 +20,8 @@ from schemas.routing import (
     MigrationState,
     Progress,
     Rejection,
+    ReplayState,
+    ReplayStatus,
     RoutingPhase,
     RoutingStatus,
 )
@@ -28,6 +32,7 @@ __all__ = [
     "AtomEvent",
     "BackfillConfig",
     "CancelMigration",
+    "CancelReplay",
     "ControlCommand",
     "EmbeddingRecord",
     "EmbeddingRoutingConfig",
@@ -39,12 +44,15 @@ __all__ = [
     "PauseMigration",
     "Progress",
     "Rejection",
+    "ReplayState",
+    "ReplayStatus",
     "ResumeMigration",
     "Rollback",
     "RoutingPhase",
     "RoutingStatus",
     "SourceRef",
     "StartMigration",
+    "StartReplay",
     "decode_atom",
     "decode_embedding",
 ]
