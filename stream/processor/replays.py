@@ -34,6 +34,7 @@ from stream.core.records import SourceRecord
 from stream.core.replays import Replay, replay_partitions_with_work
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate
+from stream.errors import ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
 from stream.processor.control import ControlPlane
@@ -209,6 +210,11 @@ class ReplayWorker:
         except RetryWindow as exc:
             log.error("replay step failed (%s); it is redone from its checkpoint", exc)
             await self._release([ident])
+            return
+        except ModelLoadError as exc:
+            # Only a migration target can fail to load here; the live path fails that
+            # migration, the model leaves the write set and the replay is abandoned.
+            log.error("replay %s: %s", replay.replay_id, exc)
             return
         if entry.phase is Phase.DONE:
             log.info("replay %s partition %d: done", replay.replay_id, partition)
