@@ -4,12 +4,14 @@ from schemas.atoms import AtomCreated, AtomDeleted, AtomEvent, InvalidAtom, deco
 from schemas.control import (
     BackfillConfig,
     CancelMigration,
+    CancelReplay,
     ControlCommand,
     Finalize,
     PauseMigration,
     ResumeMigration,
     Rollback,
     StartMigration,
+    StartReplay,
 )
 from schemas.deadletter import DeadLetterHeaders, decode_dead_letter_headers
 from schemas.embeddings import EmbeddingRecord, PackedEmbeddingRecord, SourceRef, decode_embedding
@@ -19,6 +21,8 @@ from schemas.routing import (
     MigrationState,
     Progress,
     Rejection,
+    ReplayState,
+    ReplayStatus,
     RoutingPhase,
     RoutingStatus,
 )
@@ -29,6 +33,7 @@ __all__ = [
     "AtomEvent",
     "BackfillConfig",
     "CancelMigration",
+    "CancelReplay",
     "ControlCommand",
     "DeadLetterHeaders",
     "EmbeddingRecord",
@@ -41,12 +46,15 @@ __all__ = [
     "PauseMigration",
     "Progress",
     "Rejection",
+    "ReplayState",
+    "ReplayStatus",
     "ResumeMigration",
     "Rollback",
     "RoutingPhase",
     "RoutingStatus",
     "SourceRef",
     "StartMigration",
+    "StartReplay",
     "decode_atom",
     "decode_dead_letter_headers",
     "decode_embedding",

@@ -61,8 +61,40 @@ class Finalize(_Command, tag="finalize", frozen=True):
     """Inside the rollback window: close it now and write the target alone."""
 
 
+class StartReplay(_Event, tag="start_replay", frozen=True, kw_only=True):
+    """v2: re-embed [from_offsets, to_offsets) of every partition of `atoms` into `model`.
+
+    Partition owners run it between live windows with the backfill machinery: per key only
+    the latest version below the owner's handoff, never after a newer live write. The CLI
+    resolves timestamps to offsets, so every instance agrees on the range; `to_offsets` is
+    exclusive. Legal only while `model` is in the write set and `replay_id` is new.
+    """
+
+    replay_id: Identifier
+    model: Identifier
+    partitions: PositiveInt
+    from_offsets: dict[int, NonNegativeInt]
+    to_offsets: dict[int, NonNegativeInt]
+
+
+class CancelReplay(_Event, tag="cancel_replay", frozen=True, kw_only=True):
+    """v2: stop an unfinished replay (what it wrote stays; nothing stale is left behind)."""
+
+    replay_id: Identifier
+
+
+MigrationCommand = PauseMigration | ResumeMigration | CancelMigration | Rollback | Finalize
+"""The commands that name only a migration."""
+
 ControlCommand = (
-    StartMigration | PauseMigration | ResumeMigration | CancelMigration | Rollback | Finalize
+    StartMigration
+    | PauseMigration
+    | ResumeMigration
+    | CancelMigration
+    | Rollback
+    | Finalize
+    | StartReplay
+    | CancelReplay
 )
 
 
@@ -117,7 +149,37 @@ class ModelFingerprint(_Event, tag="model_fingerprint", frozen=True, kw_only=Tru
     fingerprint: Identifier
 
 
+class ReplayHandoff(_Event, tag="replay_handoff", frozen=True, kw_only=True):
+    """v2: the owner of `partition` first saw the replay at live position `offset`.
+
+    The replay emits at most up to here; live writes from here on win. `log_start` is the
+    partition's first offset then (a range start below it begins there).
+    """
+
+    replay_id: Identifier
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: NonNegativeInt
+    log_start: NonNegativeInt = 0
+
+
+class ReplayProgress(_Event, tag="replay_progress", frozen=True, kw_only=True):
+    """v2: the replay of `partition` has handled every record before `offset`; `processed`
+    atoms embedded of `total` it embeds in all (known after the partition's keys pass)."""
+
+    replay_id: Identifier
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: NonNegativeInt
+    processed: NonNegativeInt | None = None
+    total: NonNegativeInt | None = None
+
+
 InternalEvent = (
-    HandoffRecorded | BackfillProgress | WindowClosed | MigrationFailed | ModelFingerprint
+    HandoffRecorded
+    | BackfillProgress
+    | WindowClosed
+    | MigrationFailed
+    | ModelFingerprint
+    | ReplayHandoff
+    | ReplayProgress
 )
 ControlEvent = ControlCommand | InternalEvent

@@ -28,6 +28,15 @@ class MigrationState(enum.StrEnum):
     FINALIZED = "finalized"
 
 
+class ReplayState(enum.StrEnum):
+    """v2: lifecycle of one replay (`start_replay`)."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    ABANDONED = "abandoned"  # its model left the write set before it finished
+
+
 class EmbeddingRoutingConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The full routing: which model answers queries, which models are written."""
 
@@ -53,6 +62,18 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime | None = None
 
 
+class ReplayStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """v2: one replay as the control log has shaped it (in `RoutingStatus.replays`)."""
+
+    replay_id: str
+    model: str
+    state: ReplayState
+    progress: Progress
+    events: int = 0
+    """Events in the requested ranges (every partition)."""
+    reason: str | None = None
+
+
 class RoutingStatus(msgspec.Struct, frozen=True, kw_only=True):
     """The value on the routing topic and the output of `lattice-embed status --json`."""
 
@@ -68,3 +89,5 @@ class RoutingStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_rejection: Rejection | None = None
     # v2: model name -> the fingerprint the control log recorded for it first
     fingerprints: dict[str, str] | None = None
+    # v2: the replays in progress (None when there are none)
+    replays: list[ReplayStatus] | None = None

@@ -15,7 +15,7 @@ from typing import Annotated
 import msgspec
 
 from schemas.control import BackfillConfig
-from schemas.routing import MigrationState, Rejection
+from schemas.routing import MigrationState, Rejection, ReplayState
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFold = Annotated[int, msgspec.Meta(ge=1)]
@@ -40,6 +40,24 @@ class MigrationSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     cutover_at: datetime | None = None
     window_ends_at: datetime | None = None
     window_closed: bool = False
+
+
+class ReplaySnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One replay's fold state (`stream.core.replays.Replay`), field for field."""
+
+    replay_id: str
+    model: str
+    partitions: int
+    from_offsets: dict[int, int] = msgspec.field(default_factory=dict)
+    to_offsets: dict[int, int] = msgspec.field(default_factory=dict)
+    state: ReplayState = ReplayState.IN_PROGRESS
+    handoffs: dict[int, int] = msgspec.field(default_factory=dict)
+    log_starts: dict[int, int] = msgspec.field(default_factory=dict)
+    reached: dict[int, int] = msgspec.field(default_factory=dict)
+    counts: dict[int, tuple[int, int]] = msgspec.field(default_factory=dict)
+    requested_at: datetime | None = None
+    ended_at: datetime | None = None
+    reason: str | None = None
 
 
 class RoutingSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,3 +85,4 @@ class RoutingSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime | None = None
     last_rejection: Rejection | None = None
     fingerprints: dict[str, str] = msgspec.field(default_factory=dict)
+    replays: list[ReplaySnapshot] = msgspec.field(default_factory=list)

@@ -21,6 +21,8 @@ from schemas.control import (
     MigrationFailed,
     ModelFingerprint,
     PauseMigration,
+    ReplayHandoff,
+    ReplayProgress,
     ResumeMigration,
     Rollback,
     StartMigration,
@@ -31,16 +33,34 @@ from schemas.routing import (
     MigrationState,
     Progress,
     Rejection,
+    ReplayState,
     RoutingPhase,
     RoutingStatus,
+)
+from stream.core.replays import (
+    REPLAY_EVENTS,
+    Replay,
+    ReplayEvent,
+    ReplayRejected,
+    abandon_unwritten,
+    apply_replay_event,
 )
 
 ACTIVE = (MigrationState.IN_PROGRESS, MigrationState.PAUSED, MigrationState.FAILED)
 # Bump whenever `apply` would fold some control log differently: routing snapshots written
 # by another fold version are then ignored and the log is replayed from its start.
-FOLD_VERSION = 1
+FOLD_VERSION = 2
 _EMPTY: Mapping[int, int] = MappingProxyType({})
 _NO_FINGERPRINTS: Mapping[str, str] = MappingProxyType({})
+_NO_REPLAYS: Mapping[str, Replay] = MappingProxyType({})
+_INTERNAL = (
+    HandoffRecorded,
+    BackfillProgress,
+    WindowClosed,
+    MigrationFailed,
+    ReplayHandoff,
+    ReplayProgress,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +164,8 @@ class RoutingState:
     last_rejection: Rejection | None = None
     # The fingerprint each model name had when first written (the first record wins).
     fingerprints: Mapping[str, str] = field(default_factory=lambda: _NO_FINGERPRINTS)
+    # Every replay by id (v2), finished ones too: ids are never reused (`stream.core.replays`).
+    replays: Mapping[str, Replay] = field(default_factory=lambda: _NO_REPLAYS)
 
     @property
     def active(self) -> Migration | None:
@@ -202,6 +224,10 @@ class RoutingState:
             updated_at=self.updated_at,
             last_rejection=self.last_rejection,
             fingerprints=dict(sorted(self.fingerprints.items())) or None,
+            replays=[
+                r.status() for r in self.replays.values() if r.state is ReplayState.IN_PROGRESS
+            ]
+            or None,
         )
 
 
@@ -222,7 +248,7 @@ def apply(state: RoutingState, event: ControlEvent, offset: int, at: datetime) -
     try:
         applied = _transition(state, event, at)
     except Rejected as rejected:
-        if isinstance(event, (HandoffRecorded, BackfillProgress, WindowClosed, MigrationFailed)):
+        if isinstance(event, _INTERNAL):
             # Internal events that lost a race (e.g. progress after cancel) change nothing.
             return replace(state, control_offset=offset)
         return replace(
@@ -237,7 +263,20 @@ def apply(state: RoutingState, event: ControlEvent, offset: int, at: datetime) -
                 at=at,
             ),
         )
+    if any(r.state is ReplayState.IN_PROGRESS for r in applied.replays.values()):
+        writes = applied.routing_config().write_models
+        applied = replace(applied, replays=abandon_unwritten(applied.replays, writes, at))
     return replace(applied, control_offset=offset, updated_at=at)
+
+
+def _replay(state: RoutingState, event: ReplayEvent, at: datetime) -> RoutingState:
+    """Replay commands and events (`stream.core.replays`); `Rejected` when illegal."""
+    writes = state.routing_config().write_models
+    try:
+        replays = apply_replay_event(state.replays, event, writes, at)
+    except ReplayRejected as exc:
+        raise Rejected(str(exc)) from None
+    return replace(state, replays=replays)
 
 
 def reject_malformed(state: RoutingState, offset: int, at: datetime, reason: str) -> RoutingState:
@@ -272,6 +311,8 @@ def _transition(state: RoutingState, event: ControlEvent, at: datetime) -> Routi
         return _record_fingerprint(state, event)
     if isinstance(event, StartMigration):
         return _start(state, event)
+    if isinstance(event, REPLAY_EVENTS):
+        return _replay(state, event, at)
     migration = state.migration
     if migration is None or migration.migration_id != event.migration_id:
         raise Rejected(f"no migration {event.migration_id}")

@@ -27,7 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
+from schemas.snapshot import MigrationSnapshot, ReplaySnapshot, RoutingSnapshot
+from stream.core.replays import Replay
 from stream.core.routing import FOLD_VERSION, Migration, RoutingState
 
 
@@ -68,6 +69,7 @@ def snapshot_of(
         updated_at=state.updated_at,
         last_rejection=state.last_rejection,
         fingerprints=dict(sorted(state.fingerprints.items())),
+        replays=[_replay_snapshot(state.replays[r]) for r in sorted(state.replays)],
     )
 
 
@@ -83,6 +85,7 @@ def state_of(snapshot: RoutingSnapshot) -> RoutingState:
         updated_at=snapshot.updated_at,
         last_rejection=snapshot.last_rejection,
         fingerprints=MappingProxyType(dict(snapshot.fingerprints)),
+        replays=MappingProxyType({r.replay_id: _replay_of(r) for r in snapshot.replays}),
     )
 
 
@@ -172,4 +175,40 @@ def _migration_of(snapshot: MigrationSnapshot) -> Migration:
         cutover_at=snapshot.cutover_at,
         window_ends_at=snapshot.window_ends_at,
         window_closed=snapshot.window_closed,
+    )
+
+
+def _replay_snapshot(replay: Replay) -> ReplaySnapshot:
+    return ReplaySnapshot(
+        replay_id=replay.replay_id,
+        model=replay.model,
+        partitions=replay.partitions,
+        from_offsets=dict(sorted(replay.from_offsets.items())),
+        to_offsets=dict(sorted(replay.to_offsets.items())),
+        state=replay.state,
+        handoffs=dict(sorted(replay.handoffs.items())),
+        log_starts=dict(sorted(replay.log_starts.items())),
+        reached=dict(sorted(replay.reached.items())),
+        counts=dict(sorted(replay.counts.items())),
+        requested_at=replay.requested_at,
+        ended_at=replay.ended_at,
+        reason=replay.reason,
+    )
+
+
+def _replay_of(snapshot: ReplaySnapshot) -> Replay:
+    return Replay(
+        replay_id=snapshot.replay_id,
+        model=snapshot.model,
+        partitions=snapshot.partitions,
+        from_offsets=MappingProxyType(dict(snapshot.from_offsets)),
+        to_offsets=MappingProxyType(dict(snapshot.to_offsets)),
+        state=snapshot.state,
+        handoffs=MappingProxyType(dict(snapshot.handoffs)),
+        log_starts=MappingProxyType(dict(snapshot.log_starts)),
+        reached=MappingProxyType(dict(snapshot.reached)),
+        counts=MappingProxyType(dict(snapshot.counts)),
+        requested_at=snapshot.requested_at,
+        ended_at=snapshot.ended_at,
+        reason=snapshot.reason,
     )

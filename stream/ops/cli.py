@@ -117,6 +117,12 @@ def _add_control(commands: Any, common: argparse.ArgumentParser) -> None:
         help="load both models, count the events to backfill, estimate the duration from a "
         "measured sample, and change nothing",
     )
+    cancel_replay = actions.add_parser(
+        "cancel-replay",
+        parents=[common],
+        help="stop an unfinished replay (what it wrote stays: never older than the live path)",
+    )
+    cancel_replay.add_argument("--replay-id", required=True)
     for action, text in (
         ("pause", "pause backfill (dual-write continues)"),
         ("resume", "resume a paused or failed migration"),
@@ -135,7 +141,16 @@ def _add_replay(commands: Any, common: argparse.ArgumentParser) -> None:
     replay = commands.add_parser(
         "replay",
         parents=[common],
-        help="re-embed a range of the atoms topic into one model's topic (safe while running)",
+        help="re-embed a range of the atoms topic into one model's topic, run by the "
+        "processors' partition owners (safe while they ingest)",
+        description="Append a replay request to the control log and follow it until it is "
+        "done (exit 0; 1 if it is rejected, cancelled or abandoned). The processors' "
+        "partition owners run it between live windows with the backfill machinery: each "
+        "key's latest version in the range is embedded once, unless a newer event follows "
+        "(then that one is, or was, written live), so no old version lands after a newer "
+        "one. Progress is kept in the control log: a processor restart or a rebalance "
+        "resumes it. The model must be in the current write set. Nothing happens until a "
+        "processor runs.",
     )
     replay.add_argument("--model", required=True, help="the model whose topic gets the records")
     start_at = replay.add_mutually_exclusive_group(required=True)
@@ -148,6 +163,17 @@ def _add_replay(commands: Any, common: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="P:O|T",
         help="end (exclusive): offsets per partition, or an RFC 3339 time (default: log end now)",
+    )
+    replay.add_argument(
+        "--replay-id",
+        metavar="ID",
+        help="name the replay (default: a fresh replay-<time>-<hex>); an existing id into the "
+        "same model is followed again instead of requested twice",
+    )
+    replay.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once the request is accepted (follow it with `status` or --replay-id)",
     )
 
 

@@ -73,6 +73,7 @@ def replay(config: Config, args: argparse.Namespace) -> int:
     """`lattice-embed replay`: re-embed a range of `atoms` into one model's topic."""
     from datetime import datetime
 
+    from schemas.routing import ReplayState
     from stream.ops.replay import parse_offsets, replay
 
     def when(text: str) -> datetime:
@@ -90,20 +91,41 @@ def replay(config: Config, args: argparse.Namespace) -> int:
             to_time = when(args.to[0])
         else:
             to_offsets = parse_offsets(args.to)
-    result = anyio.run(
-        lambda: replay(
-            config,
-            args.model,
-            from_offsets=parse_offsets(args.from_offset) if args.from_offset else None,
-            from_time=when(args.from_timestamp) if args.from_timestamp else None,
-            to_offsets=to_offsets,
-            to_time=to_time,
+    from_offsets = parse_offsets(args.from_offset) if args.from_offset else None
+    from_time = when(args.from_timestamp) if args.from_timestamp else None
+    try:
+        result = anyio.run(
+            lambda: replay(
+                config,
+                args.model,
+                from_offsets=from_offsets,
+                from_time=from_time,
+                to_offsets=to_offsets,
+                to_time=to_time,
+                replay_id=args.replay_id,
+                detach=args.detach,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        print(
+            "lattice-embed: replay: stopped following; the replay continues in the processors "
+            "(`status` shows it; `control cancel-replay` stops it)",
+            file=sys.stderr,
+        )
+        raise
+    done = result.replay
+    if done.state is ReplayState.IN_PROGRESS:
+        print(f"replay {done.replay_id} requested: {done.events} events into {result.topic}")
+        return 0
+    if not result.succeeded:
+        print(
+            f"lattice-embed: replay {done.replay_id} {done.state}: {done.reason}", file=sys.stderr
+        )
+        return 1
     print(
-        f"replayed {result.events} events into {config.topics.embeddings(args.model)}: "
-        f"{result.embedded} embedded, {result.skipped_newer} skipped (newer version exists), "
-        f"{result.skipped_invalid} invalid"
+        f"replay {done.replay_id} completed: {done.events} events into {result.topic}, "
+        f"{done.progress.processed} embedded (latest versions only; superseded, deleted, "
+        "invalid and since-updated atoms cost no model time)"
     )
     return 0
 
@@ -160,8 +182,10 @@ def control(config: Config, args: argparse.Namespace) -> int:
             backfill=backfill,
             issued_by=issued_by,
         )
+    elif args.action == "cancel-replay":
+        command = commands.CancelReplay(replay_id=args.replay_id, issued_by=issued_by)
     else:
-        kinds: dict[str, type[commands.ControlCommand]] = {
+        kinds: dict[str, type[commands.MigrationCommand]] = {
             "pause": commands.PauseMigration,
             "resume": commands.ResumeMigration,
             "cancel": commands.CancelMigration,
@@ -203,6 +227,12 @@ def status(config: Config, *, as_json: bool, watch: bool) -> int:
         if routing.progress is not None:
             total = "unknown" if routing.progress.total is None else routing.progress.total
             print(f"backfill:     {routing.progress.processed}/{total}")
+        for replay in routing.replays or ():
+            total = "unknown" if replay.progress.total is None else replay.progress.total
+            print(
+                f"replay:       {replay.replay_id} into {replay.model} ({replay.state}): "
+                f"{replay.progress.processed}/{total} of {replay.events} events"
+            )
         if routing.rollback_window_ends_at is not None:
             print(f"rollback window ends at {routing.rollback_window_ends_at.isoformat()}")
         if routing.last_rejection is not None:

@@ -67,6 +67,9 @@ async def watch_status(config: Config, *, interval: float = 1.0) -> None:
 
 def _status_line(status: RoutingStatus, done_since: int, seconds: float) -> str:
     head = f"{status.phase} query={status.query_model} write={','.join(status.write_models)}"
+    for replay in status.replays or ():
+        total = "?" if replay.progress.total is None else replay.progress.total
+        head += f" replay {replay.replay_id}->{replay.model} {replay.progress.processed}/{total}"
     if status.migration_id is None:
         return head
     head += f" {status.migration_id}:{status.state}"

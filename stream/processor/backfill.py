@@ -35,7 +35,9 @@ from stream.processor.partition_backfill import (
     PartitionBackfill,
     Phase,
     atom_id_of,
+    migration_range,
 )
+from stream.processor.replays import ReplayWorker
 from stream.processor.sensors import ProcessorStats
 from stream.processor.window import RetryWindow, WindowProcessor
 from stream.state.keystore import KeyStore
@@ -75,11 +77,14 @@ class MigrationWorker:
         self._rate = RateEstimate(INITIAL_SECS_PER_BYTE)
         self._next = 0  # round-robin over partitions with work
         self._failed_steps = 0
+        self.replays = ReplayWorker(config, control, stats, reader=self._reader, rate=self._rate)
+        self._replay_turn = False  # migration and replay steps alternate when both have work
 
     async def __aenter__(self) -> MigrationWorker:
         await self._reader.__aenter__()
         if self._store is None:
             self._store = await anyio.to_thread.run_sync(open_key_store, self._config)
+        self.replays.store = self._store
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -90,6 +95,8 @@ class MigrationWorker:
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Partitions revoked: their next owner resumes from the log and its own state."""
+        partitions = list(partitions)
+        self.replays.forget(partitions)
         for partition in partitions:
             entry = self._partitions.pop(partition, None)
             self._chasing.pop(partition, None)
@@ -99,11 +106,15 @@ class MigrationWorker:
     async def before_window(
         self, state: RoutingState, consumer: GroupConsumer, records: Sequence[SourceRecord]
     ) -> RoutingState:
-        """Record missing handoffs before the window is routed."""
-        return await self.handoffs.before_window(state, consumer, records)
+        """Record missing handoffs (migration and replays) before the window is routed."""
+        state = await self.handoffs.before_window(state, consumer, records)
+        if not self._backfill_enabled:
+            return state
+        return await self.replays.before_window(state, consumer, records)
 
     async def after_window(self, state: RoutingState, records: Sequence[SourceRecord]) -> None:
         """Mark the keys the live path wrote at or after each backfilling partition's handoff."""
+        await self.replays.after_window(state, records)
         if state.active is None or not self._partitions:
             return
         by_partition: dict[int, list[str]] = {}
@@ -120,8 +131,10 @@ class MigrationWorker:
             await self._partitions[partition].mark_live(by_partition.get(partition, []), end)
 
     def pending(self, state: RoutingState, consumer: GroupConsumer) -> bool:
-        """Whether an owned partition has backfill work (no I/O)."""
-        return bool(self._work(state, consumer))
+        """Whether an owned partition has backfill or replay work (no I/O)."""
+        if not self._backfill_enabled:
+            return False
+        return bool(self._work(state, consumer)) or self.replays.pending(state, consumer)
 
     def _work(self, state: RoutingState, consumer: GroupConsumer) -> list[int]:
         if not self._backfill_enabled:
@@ -136,13 +149,20 @@ class MigrationWorker:
         processor: WindowProcessor,
         budget_secs: float,
     ) -> None:
-        """One bounded step of one partition's backfill (round-robin over those with work).
+        """One bounded step of one partition's backfill (round-robin over those with work), or
+        of a replay (`ReplayWorker`): the two alternate while both have work.
 
         A target that cannot load, or whose steps keep failing, fails the migration (an
         internal `migration_failed` event): the source keeps ingesting, `resume` retries.
         """
         migration = state.active
         work = self._work(state, consumer)
+        replay_work = self._backfill_enabled and self.replays.pending(state, consumer)
+        if replay_work and (migration is None or not work or self._replay_turn):
+            self._replay_turn = False
+            await self.replays.step(state, consumer, processor, budget_secs)
+            return
+        self._replay_turn = True
         if migration is None or not work:
             return
         self._reset_if_new(migration)
@@ -190,8 +210,7 @@ class MigrationWorker:
             )
             entry = PartitionBackfill(
                 self._config,
-                migration,
-                partition,
+                migration_range(migration, partition),
                 keys,
                 position=await consumer.position(partition),
                 reader=self._reader,

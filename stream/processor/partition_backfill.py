@@ -1,12 +1,16 @@
-"""One owned partition's backfill for one migration epoch, in bounded steps.
+"""One owned partition's backfill of one range, in bounded steps: a migration epoch's
+history, or a replay (`BackfillRange` says which).
 
 Phases, each resumable from the partition's key store (`stream/state`):
-1. **keys**: a keys-only pass over [log start, handoff) records each key's latest version
-   and whether it is a delete (no model time);
-2. **tail**: a new owner marks the keys that earlier owners wrote live in
-   [handoff, position) (streamed, never loaded whole);
-3. **emit**: [cursor, handoff) is read in order; only each key's latest version that no live
+1. **keys**: a keys-only pass over [start, end) records each key's latest version and
+   whether it is a delete (no model time);
+2. **tail**: marks the keys written in [end, position) as live: what earlier owners (or
+   this one before a restart) wrote live since the handoff, and for a replay whose range
+   ends before its handoff, the events between the two, which the live path wrote already
+   (streamed, never loaded whole);
+3. **emit**: [cursor, end) is read in order; only each key's latest version that no live
    write followed is embedded (deletes become tombstones, superseded versions cost nothing).
+For a migration `end` is the handoff; for a replay `min(to, handoff)`.
 The live owner runs these steps between its live windows, in the same task that marks the
 keys it writes live, so a backfill record is never produced after a live record of the
 same key (G4).
@@ -17,12 +21,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import anyio
 
 from schemas.atoms import InvalidAtom, decode_atom
-from schemas.control import BackfillProgress
+from schemas.control import BackfillProgress, ControlEvent
 from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import Migration
@@ -53,14 +58,70 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+# (offset, processed, total) -> the control event that checkpoints them.
+ProgressEvent = Callable[[int, int | None, int | None], ControlEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillRange:
+    """What one partition's backfill covers and where its progress goes."""
+
+    name: str
+    """For log lines: `migration m1`, `replay r1`."""
+    model: str
+    """The model whose topic gets the records."""
+    migration_id: str | None
+    """On the output records (None for a replay)."""
+    partition: int
+    start: int
+    """The first offset read (the log start, or a replay's range start)."""
+    end: int
+    """Keys pass and emission stop here (exclusive)."""
+    handoff: int
+    """The live path writes the model from here on; its writes win."""
+    reached: int
+    """Emission progress the control log recorded (a new owner resumes there)."""
+    emitted: int
+    """Atoms the control log says were embedded."""
+    progress: ProgressEvent
+
+
+def migration_range(migration: Migration, partition: int) -> BackfillRange:
+    """The backfill of `partition` for the migration's current epoch: [log start, handoff)."""
+    log_start = migration.log_starts[partition]
+    counts = migration.counts.get(partition)
+
+    def progress(offset: int, processed: int | None, total: int | None) -> ControlEvent:
+        return BackfillProgress(
+            migration_id=migration.migration_id,
+            epoch=migration.epoch,
+            partition=partition,
+            offset=offset,
+            processed=processed,
+            total=total,
+        )
+
+    return BackfillRange(
+        name=f"migration {migration.migration_id}",
+        model=migration.target,
+        migration_id=migration.migration_id,
+        partition=partition,
+        start=log_start,
+        end=migration.handoffs[partition],
+        handoff=migration.handoffs[partition],
+        reached=migration.backfilled.get(partition, log_start),
+        emitted=counts[0] if counts else 0,
+        progress=progress,
+    )
+
+
 class PartitionBackfill:
     """The backfill of one partition this instance owns."""
 
     def __init__(
         self,
         config: Config,
-        migration: Migration,
-        partition: int,
+        work: BackfillRange,
         keys: PartitionKeys,
         *,
         position: int,
@@ -70,32 +131,31 @@ class PartitionBackfill:
         rate: RateEstimate,
     ) -> None:
         self._config = config
-        self._migration = migration
-        self.partition = partition
+        self._work = work
+        self.partition = work.partition
         self._keys = keys
         self._reader = reader
         self._control = control
         self._stats = stats
         self._rate = rate
-        self.handoff = migration.handoffs[partition]
-        self._log_start = migration.log_starts[partition]
+        self.handoff = work.handoff
+        self._log_start = work.start
+        self._end = work.end
         self._tail_end = max(position, self.handoff)  # earlier owners wrote [handoff, here)
         self._checkpointed_at = 0.0
         self._ahead: list[SourceRecord] = []
-        reached = migration.backfilled.get(partition, self._log_start)
-        if keys.checkpoint(KEYS) is None and reached > self._log_start:
+        if keys.checkpoint(KEYS) is None and work.reached > self._log_start:
             # An empty state (a new volume): what the control log says was done stays done.
-            counts = migration.counts.get(partition)
-            keys.restore_emitted(reached, counts[0] if counts else 0)
+            keys.restore_emitted(min(work.reached, self._end), work.emitted)
 
     @property
     def phase(self) -> Phase:
         """The next kind of step this partition needs."""
-        if self._keys_reached() < self.handoff:
+        if self._keys_reached() < self._end:
             return Phase.KEYS
         if self._tail_reached() < self._tail_end:
             return Phase.TAIL
-        if self._cursor() < self.handoff:
+        if self._cursor() < self._end:
             return Phase.EMIT
         return Phase.DONE
 
@@ -123,14 +183,14 @@ class PartitionBackfill:
         return max(self._keys.checkpoint(KEYS) or self._log_start, self._log_start)
 
     def _tail_reached(self) -> int:
-        return max(self._keys.checkpoint(LIVE) or self.handoff, self.handoff)
+        return max(self._keys.checkpoint(LIVE) or self._end, self._end)
 
     def _cursor(self) -> int:
         return max(self._keys.counts().cursor, self._log_start)
 
     async def _keys_step(self) -> None:
         start = self._keys_reached()
-        end = min(start + SCAN_RECORDS, self.handoff)
+        end = min(start + SCAN_RECORDS, self._end)
         records = await self._read(start, end)
         limit = self._config.limits.max_event_bytes
         await anyio.to_thread.run_sync(
@@ -138,11 +198,11 @@ class PartitionBackfill:
                 key_events(records, max_event_bytes=limit), checkpoint=end
             )
         )
-        if end >= self.handoff:
+        if end >= self._end:
             counts = self._keys.counts()
             log.info(
                 "backfill %s partition %d: keys pass done, %d keys, %d to embed",
-                self._migration.migration_id,
+                self._work.name,
                 self.partition,
                 counts.keys,
                 counts.total,
@@ -168,7 +228,7 @@ class PartitionBackfill:
         ahead = [r for r in self._ahead if r.offset >= start]
         end = ahead[-1].offset + 1 if ahead else start
         if not ahead:
-            end = min(start + EMIT_READ_RECORDS, self.handoff)
+            end = min(start + EMIT_READ_RECORDS, self._end)
             ahead = await self._read(start, end)
         records = ahead
         decoded = [(r, atom_id_of(r, self._config)) for r in records]
@@ -189,10 +249,12 @@ class PartitionBackfill:
         reached = end if fits == len(embeds) else embeds[fits].offset
         batch = [r for r, _ in chosen if r.offset < reached]
         if batch:
-            target = self._migration.target
+            target = self._work.model
             model_secs = self._stats.embed_seconds[target]
+            # Only a migration's target can fail its migration (a replay's model has none).
+            failing = target if self._work.migration_id is not None else None
             await processor.process(
-                batch, (target,), self._migration.migration_id, path="backfill", target=target
+                batch, (target,), self._work.migration_id, path="backfill", target=failing
             )
             # The rate is the model's own (not the step's produce and ack overhead), so a
             # budget buys the atoms the model can embed in it.
@@ -203,7 +265,7 @@ class PartitionBackfill:
         await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
         self._ahead = [r for r in records if r.offset >= reached]
         self._stats.backfilled_events += sum(1 for r in records if r.offset < reached)
-        await self._checkpoint(force=reached >= self.handoff)
+        await self._checkpoint(force=reached >= self._end)
 
     async def _checkpoint(self, *, force: bool = False) -> None:
         """Progress in the control log: at most once per `[backfill] checkpoint_interval_secs`,
@@ -215,17 +277,10 @@ class PartitionBackfill:
         ):
             return
         counts = self._keys.counts()
-        counted = self._keys_reached() >= self.handoff
-        await self._control.append(
-            BackfillProgress(
-                migration_id=self._migration.migration_id,
-                epoch=self._migration.epoch,
-                partition=self.partition,
-                offset=self._cursor(),
-                processed=counts.emitted if counted else None,
-                total=counts.total if counted else None,
-            )
-        )
+        counted = self._keys_reached() >= self._end
+        processed = counts.emitted if counted else None
+        total = counts.total if counted else None
+        await self._control.append(self._work.progress(self._cursor(), processed, total))
         self._checkpointed_at = now
 
     async def _read(self, start: int, end: int) -> list[SourceRecord]:

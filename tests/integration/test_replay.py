@@ -12,6 +12,7 @@ import pytest
 
 from schemas.embeddings import EmbeddingRecord
 from tests.support.kafka import atom_value, create_topic, delete_value, produce, read_all, unique
+from tests.support.processor import processor
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -21,7 +22,7 @@ async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return await anyio.run_process([sys.executable, "-m", "stream.ops.cli", *args], check=False)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 async def test_replay_range_skips_keys_with_newer_versions(
     bootstrap: str, migration_config: Any
 ) -> None:
@@ -41,27 +42,47 @@ async def test_replay_range_skips_keys_with_newer_versions(
             (b"e", atom_value("e", "after the range")),  # 6
         ],
     )
-    done = await cli(
-        "replay", "--config", str(path), "--model", "tinyb", "--from-offset", "0:0", "--to", "0:4"
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    assert (
-        "replayed 4 events" in done.stdout.decode()
-        and "2 skipped (newer version exists)" in done.stdout.decode()
-    )
-    out = await read_all(bootstrap, config.topics.embeddings("tinyb"))
-    assert [r.key for r in out] == [b"b"]
-    record = msgspec.json.decode(out[0].value, type=EmbeddingRecord)
-    assert (record.path, record.source.offset, record.model) == ("backfill", 1, "tinyb")
+    topic = config.topics.embeddings("tiny")
 
-    again = await cli("replay", "--config", str(path), "--model", "tinyb", "--from-offset", "0:6")
-    assert again.returncode == 0, again.stderr.decode()
-    assert [r.key for r in await read_all(bootstrap, config.topics.embeddings("tinyb"))] == [
-        b"b",
-        b"e",
-    ]
+    def replayed(records: list[Any]) -> list[tuple[bytes, int]]:
+        out = []
+        for record in records:
+            if record.value is not None:
+                decoded = msgspec.json.decode(record.value, type=EmbeddingRecord)
+                if decoded.path == "backfill":
+                    out.append((record.key, decoded.source.offset))
+        return out
+
+    async with processor(config) as running:
+        await running.drained({0: 7})
+        done = await cli(
+            "replay",
+            "--config",
+            str(path),
+            "--model",
+            "tiny",
+            "--from-offset",
+            "0:0",
+            "--to",
+            "0:4",
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        out = done.stdout.decode()
+        assert "completed: 4 events into" in out and "1 embedded" in out, out
+        assert replayed(await read_all(bootstrap, topic)) == [(b"b", 1)]
+
+        again = await cli(
+            "replay", "--config", str(path), "--model", "tiny", "--from-offset", "0:6"
+        )
+        assert again.returncode == 0, again.stderr.decode()
+        assert replayed(await read_all(bootstrap, topic)) == [(b"b", 1), (b"e", 6)]
     bad = await cli("replay", "--config", str(path), "--model", "nope", "--from-offset", "0:0")
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr.decode()
+    unwritten = await cli(
+        "replay", "--config", str(path), "--model", "tinyb", "--from-offset", "0:0"
+    )
+    assert unwritten.returncode == 1
+    assert "model tinyb is not in the current write set (tiny)" in unwritten.stderr.decode()
 
 
 @pytest.mark.timeout(120)

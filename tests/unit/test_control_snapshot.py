@@ -17,13 +17,17 @@ from schemas.control import (
     HandoffRecorded,
     ModelFingerprint,
     PauseMigration,
+    ReplayHandoff,
+    ReplayProgress,
     ResumeMigration,
     Rollback,
     StartMigration,
+    StartReplay,
     WindowClosed,
 )
 from schemas.routing import MigrationState, Rejection
-from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
+from schemas.snapshot import MigrationSnapshot, ReplaySnapshot, RoutingSnapshot
+from stream.core.replays import Replay
 from stream.core.routing import FOLD_VERSION, Migration, RoutingState, apply, initial_state
 from stream.core.snapshot import (
     FoldBasis,
@@ -85,6 +89,17 @@ LOG: list[ControlEvent] = [
     Finalize(migration_id="m2"),
     WindowClosed(migration_id="m2"),  # after finalize: an internal event that changes nothing
     ModelFingerprint(model="c", fingerprint="sha256:cc"),
+    # Replays (v2): one with a handoff and progress on one of its partitions, one just asked.
+    StartReplay(
+        replay_id="r1",
+        model="c",
+        partitions=2,
+        from_offsets={0: 0, 1: 0},
+        to_offsets={0: 30, 1: 20},
+    ),
+    ReplayHandoff(replay_id="r1", partition=0, offset=40, log_start=0),
+    ReplayProgress(replay_id="r1", partition=0, offset=10, processed=5, total=9),
+    StartReplay(replay_id="r2", model="c", partitions=1, from_offsets={0: 0}, to_offsets={0: 10}),
 ]
 
 
@@ -107,7 +122,7 @@ def test_a_snapshot_carries_every_field_of_the_fold_exactly() -> None:
     paused = fold(LOG[:9])
     snapshot = round_trip(paused, 9)
     assert state_of(snapshot) == paused
-    assert snapshot.fold_version == FOLD_VERSION == 1
+    assert snapshot.fold_version == FOLD_VERSION == 2
     assert (snapshot.next_offset, snapshot.last_offset) == (9, 8)
     assert snapshot.basis_models == ["a", "b", "c"] and snapshot.used_ids == ["m1"]
     assert snapshot.fingerprints == {"a": "sha256:aa"}
@@ -139,6 +154,7 @@ def test_a_completed_migration_keeps_its_window_times() -> None:
 def test_folding_on_from_a_snapshot_of_any_prefix_equals_the_full_fold() -> None:
     full = fold(LOG)
     assert full.stable_model == "c" and full.used_ids == frozenset({"m1", "m2"})
+    assert sorted(full.replays) == ["r1", "r2"] and full.replays["r1"].counts == {0: (5, 9)}
     for split in range(1, len(LOG) + 1):
         restored = state_of(round_trip(fold(LOG[:split]), split))
         assert fold(LOG[split:], start=restored, first=split) == full, split
@@ -158,8 +174,8 @@ def test_unusable_snapshots_say_why() -> None:
         return unusable_reason(s, basis, control_topic="ctl", end_offset=end)
 
     assert reason(snapshot) is None
-    assert reason(msgspec.structs.replace(snapshot, fold_version=2)) == (
-        "fold version 2, this processor folds version 1"
+    assert reason(msgspec.structs.replace(snapshot, fold_version=1)) == (
+        "fold version 1, this processor folds version 2"
     )
     assert reason(msgspec.structs.replace(snapshot, control_topic="old")) == (
         "taken of control topic old, not ctl"
@@ -203,6 +219,7 @@ def test_a_snapshot_has_a_field_for_every_field_of_the_fold_state() -> None:
     assert {f.name for f in dataclasses.fields(Migration)} == set(
         MigrationSnapshot.__struct_fields__
     )
+    assert {f.name for f in dataclasses.fields(Replay)} == set(ReplaySnapshot.__struct_fields__)
     state_fields = {f.name for f in dataclasses.fields(RoutingState)} - {"models"}
     assert state_fields <= set(RoutingSnapshot.__struct_fields__)
     assert "basis_models" in RoutingSnapshot.__struct_fields__  # `models` is the basis

@@ -17,7 +17,7 @@ from stream.core.scheduler import RateEstimate
 from stream.embed.pool import ModelPool
 from stream.processor.control import ControlPlane
 from stream.processor.inference import Inference
-from stream.processor.partition_backfill import PartitionBackfill, Phase
+from stream.processor.partition_backfill import PartitionBackfill, Phase, migration_range
 from stream.processor.sensors import ProcessorStats, Sensor
 from stream.processor.window import WindowProcessor
 from stream.state.keystore import KeyStore
@@ -86,8 +86,7 @@ async def test_backfill_embeds_each_live_atom_once_at_its_latest_version(
         async with ControlPlane(config, log=control_log) as control:  # type: ignore[arg-type]
             backfill = PartitionBackfill(
                 config,
-                migration,
-                0,
+                migration_range(migration, 0),
                 keys,
                 position=handoff,
                 reader=FakeReader(log),  # type: ignore[arg-type]

@@ -21,7 +21,14 @@ from schemas import (
     decode_atom,
     decode_embedding,
 )
-from schemas.control import ControlEvent, ModelFingerprint
+from schemas.control import (
+    CancelReplay,
+    ControlEvent,
+    ModelFingerprint,
+    ReplayHandoff,
+    ReplayProgress,
+    StartReplay,
+)
 from schemas.deadletter import (
     DeadLetterHeaders,
     decode_dead_letter_headers,
@@ -300,3 +307,30 @@ def test_invalid_control_commands(command: bytes, message: str) -> None:
     with pytest.raises(msgspec.ValidationError) as caught:
         msgspec.json.decode(command, type=ControlCommand)
     assert str(caught.value) == message
+
+
+def test_v2_replay_events_decode() -> None:
+    lines = (SAMPLES_V2 / "replay_events.jsonl").read_bytes().splitlines()
+    events = [msgspec.json.decode(line, type=ControlEvent) for line in lines]
+    replay_id = "replay-20261127T100000Z-1a2b3c"
+    assert events == [
+        StartReplay(
+            replay_id=replay_id,
+            model="minilm",
+            partitions=2,
+            from_offsets={0: 0, 1: 120},
+            to_offsets={0: 5000, 1: 5000},
+            command_id="cli-9f8e7d6c5b4a",
+            issued_by="ops",
+        ),
+        ReplayHandoff(replay_id=replay_id, partition=0, offset=5210, log_start=0),
+        ReplayProgress(replay_id=replay_id, partition=0, offset=2500, processed=1100, total=2300),
+        CancelReplay(replay_id=replay_id),
+    ]
+    assert msgspec.json.decode(msgspec.json.encode(events[0]), type=ControlEvent) == events[0]
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(
+            b'{"command": "start_replay", "replay_id": "r", "model": "m", "partitions": 1,'
+            b' "from_offsets": {"0": -1}, "to_offsets": {"0": 1}}',
+            type=ControlEvent,
+        )
