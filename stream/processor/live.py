@@ -64,6 +64,7 @@ class LiveConsumer:
             migration, self.offsets, sensor, max_wait=config.kafka.max_poll_interval_ms / 2000
         )
         self._fetched_at = time.monotonic()  # when the last window's fetch ended
+        self._max_wait_secs = config.batching.max_wait_ms / 1000
         self._scheduler = ShareScheduler(
             config.backfill.min_share, config.batching.backfill_chunk_ms / 1000
         )
@@ -80,11 +81,15 @@ class LiveConsumer:
         fetched_nothing = False
         while not stop.is_set():
             pending = self._migration.pending(self._control.state, self._consumer)
-            # A live turn that found nothing buffered lets backfill run before the next look.
-            waiting = not fetched_nothing and await self.offsets.live_waiting()
+            # A live turn that found nothing buffered lets backfill run before the next look;
+            # and live looks at least every `max_wait_ms` whatever the high-water marks say
+            # (they come with background fetches and can lag behind the log).
+            overdue = time.monotonic() - self._fetched_at > self._max_wait_secs
+            waiting = overdue or (not fetched_nothing and await self.offsets.live_waiting())
             decision = self._scheduler.next_step(live_waiting=waiting, backfill_pending=pending)
             if decision.step is Step.BACKFILL and decision.budget_secs is not None:
                 await self._backfill_step(decision.budget_secs)
+                fetched_nothing = False  # records may have arrived during the step: look again
                 continue
             window_atoms = self._config.batching.window_atoms
             if decision.budget_secs is not None:  # leave backfill its share: bound the window
