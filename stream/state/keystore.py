@@ -249,6 +249,10 @@ class PartitionKeys:
         db = self._live_db()
         chunks = _chunks(events)
         chunk = next(chunks, None)
+        if chunk is None and checkpoint is not None:
+            # A range of invalid records only: the pass still moves past it (without this
+            # the same range would be read again forever).
+            self.set_checkpoint(KEYS, checkpoint)
         while chunk is not None:
             following = next(chunks, None)
             latest: dict[bytes, tuple[int, bool]] = {}

@@ -30,6 +30,15 @@ def test_the_later_offset_wins_whatever_the_order(tmp_path: Path) -> None:
         assert keys.embeddable_count() == 2
 
 
+def test_a_range_of_invalid_records_only_still_moves_the_keys_pass(tmp_path: Path) -> None:
+    with KeyStore.open(tmp_path) as store:
+        keys = store.partition("mig-1", 0, 0)
+        keys.record_history([("a", 5, False)], checkpoint=2000)
+        keys.record_history([], checkpoint=4000)  # every record of [2000, 4000) invalid
+        assert keys.checkpoint(KEYS) == 4000
+        assert keys.counts().keys == 1
+
+
 def test_deletes_cost_no_model_time(tmp_path: Path) -> None:
     with KeyStore.open(tmp_path) as store:
         keys = store.partition("mig-1", 0, 0)
