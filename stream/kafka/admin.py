@@ -77,6 +77,12 @@ class Admin:
                 return len(entry["partitions"])
         return None
 
+    async def committed(self, group_id: str, topic: str) -> dict[int, int]:
+        """The offsets `group_id` has committed on `topic`, per partition (tools, benches)."""
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            found = await self._client.list_consumer_group_offsets(group_id)
+        return {tp.partition: int(meta.offset) for tp, meta in found.items() if tp.topic == topic}
+
     async def ensure_topics(self, specs: list[TopicSpec]) -> list[str]:
         """Create every missing topic in `specs`; return the names actually created."""
         if not specs:

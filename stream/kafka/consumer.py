@@ -111,6 +111,22 @@ class GroupConsumer:
         return len(partitions) if partitions else None
 
 
+async def commit_group_offsets(
+    kafka: KafkaConfig, topic: str, group_id: str, offsets: Mapping[int, int]
+) -> None:
+    """Commit {partition: next offset} for a group with no running member (tools and
+    benches: a history that counts as processed already)."""
+    consumer = make_consumer(kafka, group_id=group_id)
+    tps = {TopicPartition(topic, p): offset for p, offset in offsets.items()}
+    async with kafka_errors("commit", kafka.bootstrap_servers):
+        await consumer.start()
+        try:
+            consumer.assign(list(tps))
+            await consumer.commit(tps)
+        finally:
+            await consumer.stop()
+
+
 class MultiTopicConsumer:
     """A consumer-group member of several topics (by exact names), manual commits."""
 

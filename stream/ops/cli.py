@@ -216,6 +216,27 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         help="also measure peak resident memory while draining a backlog of ATOMS",
     )
     bench.add_argument(
+        "--scale",
+        metavar="MODEL",
+        help="also run a migration to MODEL over --scale-events atom events (3 partitions, two "
+        "processes, one killed and restarted at 80%% progress, live traffic at a quarter of "
+        "the capacity): idle and peak RSS of each process, resume time, G2/G4",
+    )
+    bench.add_argument(
+        "--scale-events", type=int, default=1_000_000, help="events for --scale (1,000,000)"
+    )
+    bench.add_argument("--scale-keys", type=int, default=200_000, help="keys for --scale (200,000)")
+    bench.add_argument(
+        "--work",
+        metavar="MODEL",
+        help="also backfill an update-heavy log (--work-events over --work-keys, 10%% of the "
+        "keys deleted) to MODEL: atoms the target embedded against the live keys",
+    )
+    bench.add_argument(
+        "--work-events", type=int, default=100_000, help="events for --work (100,000)"
+    )
+    bench.add_argument("--work-keys", type=int, default=20_000, help="keys for --work (20,000)")
+    bench.add_argument(
         "--serve",
         action="store_true",
         help="also measure the embeddings API (serve, in this process on a free loopback port): "

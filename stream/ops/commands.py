@@ -18,7 +18,7 @@ def bench(config: Config, args: argparse.Namespace) -> int:
     """`lattice-embed bench`: run the benchmarks, print the table, write the report."""
     from pathlib import Path
 
-    from stream.tools.bench import run_bench
+    from stream.tools.bench import ScaleOptions, run_bench
     from stream.tools.benchreport import format_table
     from stream.tools.workloads import WORKLOADS
 
@@ -51,6 +51,15 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 backfill_live_rate=args.live_rate,
                 backfill_share_target=args.backfill_share,
                 memory_atoms=args.memory,
+                scale=ScaleOptions(
+                    config_path=args.config or os.environ.get("LATTICE_CONFIG"),
+                    scale_target=args.scale,
+                    scale_events=args.scale_events,
+                    scale_keys=args.scale_keys,
+                    work_target=args.work,
+                    work_events=args.work_events,
+                    work_keys=args.work_keys,
+                ),
                 serve_levels=(1, 16, 64) if args.serve else None,
                 serve_requests=args.serve_requests,
                 serve_secs=args.serve_secs,

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,20 @@ class CommitWatch(Sensor):
         self.done = anyio.Event()
         self.assigned = anyio.Event()
         self.assigned_at = time.perf_counter()
+        self._committed = anyio.Event()
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         """Track the highest committed offset."""
         self.committed = max(self.committed, max(offsets.values()))
         if self.committed >= self.goal:
             self.done.set()
+        self._committed.set()
+        self._committed = anyio.Event()
+
+    async def reach(self, offset: int) -> None:
+        """Wait until the committed offset is at least `offset`."""
+        while self.committed < offset:
+            await self._committed.wait()
 
     def on_assigned(self, partitions: Sequence[int]) -> None:
         """Throughput counts from the moment the processor owns the partitions: start-up
@@ -266,6 +274,19 @@ async def _workload(
     return result
 
 
+@dataclass(frozen=True)
+class ScaleOptions:
+    """The migration-at-scale measurements (`--scale`, `--work`)."""
+
+    config_path: str | None = None
+    scale_target: str | None = None
+    scale_events: int = 1_000_000
+    scale_keys: int = 200_000
+    work_target: str | None = None
+    work_events: int = 100_000
+    work_keys: int = 20_000
+
+
 async def run_bench(
     config: Config,
     *,
@@ -279,6 +300,7 @@ async def run_bench(
     backfill_live_rate: float = 5.0,
     backfill_share_target: str | None = None,
     memory_atoms: int | None = None,
+    scale: ScaleOptions | None = None,
     serve_levels: Sequence[int] | None = None,
     serve_requests: int = 512,
     serve_secs: float = 20.0,
@@ -341,17 +363,40 @@ async def run_bench(
             history=atoms * 4,
             rate=backfill_live_rate,
             secs=load_secs,
+            config_path=scale.config_path if scale else None,
         )
     if backfill_share_target is not None:
         from stream.tools.benchmigration import backfill_share
 
         report["backfill_share"] = await backfill_share(
-            config, pool, backfill_share_target, secs=load_secs
+            config,
+            pool,
+            backfill_share_target,
+            secs=load_secs,
+            config_path=scale.config_path if scale else None,
         )
     if memory_atoms is not None:
         from stream.tools.benchmigration import memory_under_backlog
 
         report["memory"] = await memory_under_backlog(config, pool, memory_atoms)
+    if scale is not None and scale.work_target is not None:
+        from stream.tools.benchscale import update_heavy_work
+
+        report["work"] = await update_heavy_work(
+            config, pool, scale.work_target, events=scale.work_events, keys=scale.work_keys
+        )
+    if scale is not None and scale.scale_target is not None:
+        from stream.tools.benchscale import scale_migration
+
+        report["scale"] = await scale_migration(
+            config,
+            scale.config_path,
+            pool,
+            scale.scale_target,
+            events=scale.scale_events,
+            keys=scale.scale_keys,
+            workdir=out / "scale",
+        )
     if serve_levels is not None:
         report["serve"] = await serve_throughput(
             config, pool, serve_levels, requests=serve_requests, secs=serve_secs

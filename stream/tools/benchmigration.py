@@ -17,11 +17,14 @@ from stream.ops.operator import send_command
 from stream.processor.app import run_processor
 from stream.processor.control import ControlPlane
 from stream.tools.bench import CommitWatch, end_to_end, fresh_run, latencies, produce_texts
+from stream.tools.loadgen import offer_load
 from stream.tools.workloads import LazyTexts, workload_texts
+
+LIVE_DRAIN_SECS = 300.0  # how long the live atoms offered may take to be committed
 
 
 async def backfill_share(
-    config: Config, pool: ModelPool, target: str, *, secs: float
+    config: Config, pool: ModelPool, target: str, *, secs: float, config_path: str | None = None
 ) -> dict[str, float]:
     """Backfill's rate against the spare capacity, with live traffic using half of it.
 
@@ -34,7 +37,7 @@ async def backfill_share(
     spare = capacity / 2
     history = int(spare * secs * 2) + 1000  # more than backfill can finish while measured
     result = await backfill_latency(
-        config, pool, target, history=history, rate=capacity / 4, secs=secs
+        config, pool, target, history=history, rate=capacity / 4, secs=secs, config_path=config_path
     )
     result.update(
         capacity_atoms_per_sec=capacity,
@@ -46,10 +49,18 @@ async def backfill_share(
 
 
 async def backfill_latency(
-    config: Config, pool: ModelPool, target: str, *, history: int, rate: float, secs: float
+    config: Config,
+    pool: ModelPool,
+    target: str,
+    *,
+    history: int,
+    rate: float,
+    secs: float,
+    config_path: str | None = None,
 ) -> dict[str, float]:
     """Live p50/p99 at `rate` atoms/s with no migration, then while `history` atoms are
-    backfilled to `target`; and the backfill rate reached meanwhile."""
+    backfilled to `target`; and the backfill rate reached meanwhile. The live atoms come
+    from a separate process (`stream.tools.loadgen`), as client applications send them."""
 
     config = fresh_run(config, "backfill")
     async with Admin(config.kafka) as admin:
@@ -63,8 +74,8 @@ async def backfill_latency(
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
         await watch.done.wait()
-        await produce_texts(
-            config, workload_texts("mixed", count, seed=9), rate=rate, prefix="idle"
+        await offer_load(
+            config, config_path, workload="mixed", count=count, seed=9, rate=rate, prefix="idle"
         )
         command = StartMigration(
             migration_id="bench",
@@ -73,8 +84,8 @@ async def backfill_latency(
         )
         await send_command(config, command)
         began = time.monotonic()
-        await produce_texts(
-            config, workload_texts("mixed", count, seed=10), rate=rate, prefix="busy"
+        await offer_load(
+            config, config_path, workload="mixed", count=count, seed=10, rate=rate, prefix="busy"
         )
         async with ControlPlane(config) as control:
             state = await control.replay()
@@ -84,6 +95,8 @@ async def backfill_latency(
         )
         result["backfill_done"] = float(progress.processed if progress else 0)
         result["backfill_total"] = float(progress.total or 0 if progress else 0)
+        with anyio.fail_after(LIVE_DRAIN_SECS):  # every live atom is measured, late ones too
+            await watch.reach(history + 2 * count)
         stop.set()
     idle = await latencies(config, count, b"idle-")
     busy = await latencies(config, count, b"busy-")

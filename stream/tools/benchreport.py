@@ -140,6 +140,30 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['peak_rss_mib']:.0f} MiB, idle with model {m['baseline_rss_mib']:.0f} MiB "
             f"(growth {m['growth_mib']:.0f} MiB), model {m['model_mib']:.0f} MiB"
         )
+    if "work" in report:
+        w = report["work"]
+        lines.append(
+            f"work: {w['events']:.0f} events over {w['keys']:.0f} keys, {w['live_keys']:.0f} "
+            f"live: the target embedded {w['target_embeds']:.0f} for backfill "
+            f"({w['embeds_per_live_key']:.3f} per live key) in {w['secs']:.0f}s; G2 missing "
+            f"{w['g2_missing']:.0f}, G4 stale {w['g4_stale']:.0f}, vectors "
+            f"{'ok' if w['vectors_ok'] else 'DIFFER'} ({w['vectors_checked']:.0f} checked)"
+        )
+    if "scale" in report:
+        c = report["scale"]
+        rss = ", ".join(
+            f"instance {i}: idle {c[f'instance{i}_idle_rss_mib']:.0f} MiB, peak "
+            f"{c[f'instance{i}_peak_rss_mib']:.0f} MiB (+{c[f'instance{i}_growth_mib']:.0f})"
+            for i in (0, 1)
+        )
+        lines.append(
+            f"scale: {c['events']:.0f} events over {c['keys']:.0f} keys, live "
+            f"{c['live_rate']:.0f} atoms/s ({c['live_events']:.0f} events); migration "
+            f"{c['migration_secs']:.0f}s, {c['backfill_total']:.0f} to embed; killed at "
+            f"{c.get('killed_at_fraction', 0) * 100:.0f}%, resumed in {c['resume_secs']:.1f}s; "
+            f"{rss}; G2 missing {c['g2_missing']:.0f}, G4 stale {c['g4_stale']:.0f}, vectors "
+            f"{'ok' if c['vectors_ok'] else 'DIFFER'}"
+        )
     if "dual_write" in report:
         d = report["dual_write"]
         lines.append(
