@@ -74,8 +74,9 @@ class LiveConsumer:
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first.
 
-        Each turn, the scheduler picks a live window or a backfill step: live first, but
-        backfill gets at least `[backfill] min_share` of model time while it has work.
+        Each turn, the scheduler picks a live window or a backfill step: while both have
+        work they alternate (a live window waits at most one chunk, and is capped so that
+        backfill gets at least `[backfill] min_share` of model time).
         """
         self._consumer.subscribe(self.rebalance)
         fetched_nothing = False

@@ -7,9 +7,10 @@ million events can afford.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -115,27 +116,26 @@ class FinalState:
         return sum(1 for v in self.last.values() if v is not None)
 
 
+@contextlib.asynccontextmanager
 async def read_partitions(
     config: Config, topic: str
-) -> tuple[PartitionReader, Mapping[int, tuple[int, int]]]:
-    """A started reader and the [start, end) offsets of every partition of `topic`."""
+) -> AsyncIterator[tuple[PartitionReader, Mapping[int, tuple[int, int]]]]:
+    """A reader and the start and end offsets of every partition of `topic`."""
     async with Admin(config.kafka) as admin:
         count = await admin.partition_count(topic)
     if count is None:
         raise RuntimeError(f"topic {topic} does not exist")
-    reader = PartitionReader(config.kafka)
-    await reader.__aenter__()
-    partitions = list(range(count))
-    starts = await reader.beginning_offsets(topic, partitions)
-    ends = await reader.end_offsets(topic, partitions)
-    return reader, {p: (starts[p], ends[p]) for p in partitions}
+    async with PartitionReader(config.kafka) as reader:
+        partitions = list(range(count))
+        starts = await reader.beginning_offsets(topic, partitions)
+        ends = await reader.end_offsets(topic, partitions)
+        yield reader, {p: (starts[p], ends[p]) for p in partitions}
 
 
 async def atoms_final(config: Config) -> FinalState:
     """Stream `atoms` once: each key's final event, and sampled live texts."""
     final = FinalState()
-    reader, ranges = await read_partitions(config, config.topics.atoms)
-    try:
+    async with read_partitions(config, config.topics.atoms) as (reader, ranges):
         for partition, (start, end) in ranges.items():
             async for chunk in reader.chunks(config.topics.atoms, partition, start, end):
                 for record in chunk:
@@ -149,8 +149,6 @@ async def atoms_final(config: Config) -> FinalState:
                         else:
                             assert value is not None
                             final.sample_texts[key] = msgspec.json.decode(value)["text"]
-    finally:
-        await reader.__aexit__(None, None, None)
     return final
 
 
@@ -172,8 +170,7 @@ async def check_target(config: Config, model: str, final: FinalState) -> TargetC
     vectors: dict[str, list[float]] = {}
     records = 0
     decoder = msgspec.json.Decoder(EmbeddingRecord)
-    reader, ranges = await read_partitions(config, topic)
-    try:
+    async with read_partitions(config, topic) as (reader, ranges):
         for partition, (start, end) in ranges.items():
             async for chunk in reader.chunks(topic, partition, start, end):
                 for record in chunk:
@@ -191,8 +188,6 @@ async def check_target(config: Config, model: str, final: FinalState) -> TargetC
                     last[key] = version
                     if key not in highest or offset >= highest[key][0]:
                         highest[key] = (offset, version)
-    finally:
-        await reader.__aexit__(None, None, None)
     missing = sum(1 for k, v in final.last.items() if v is not None and last.get(k) != v)
     stale = sum(1 for k, v in final.last.items() if (highest[k][1] if k in highest else None) != v)
     return TargetCheck(records, missing, stale, vectors)
