@@ -29,7 +29,7 @@ from tests.support.processor import processor
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "embed_parity_v1"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "embed_parity_v1"
 DLQ_HEADERS = {
     "lattice.dlq.topic",
     "lattice.dlq.partition",

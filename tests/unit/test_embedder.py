@@ -12,7 +12,7 @@ from stream.config import ModelConfig, load_config
 from stream.embed.embedder import Embedder
 from stream.errors import ModelLoadError
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "embed_parity_v1"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "embed_parity_v1"
 
 
 @pytest.fixture(scope="module")
