@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from stream.core.windows import partitions_to_backfill
 from stream.errors import ModelLoadError, TargetFailing
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
+from stream.processor.busy import BusyPartitions
 from stream.processor.chase import Chase
 from stream.processor.control import ControlPlane
 from stream.processor.handoffs import Handoffs
@@ -41,14 +43,12 @@ from stream.processor.replays import ReplayWorker
 from stream.processor.sensors import ProcessorStats
 from stream.processor.window import RetryWindow, WindowProcessor
 from stream.state.keystore import KeyStore
-from stream.state.rocks import StateError
+from stream.state.rocks import StateBusy
 
 log = logging.getLogger(__name__)
 
 # Consecutive failed backfill steps after which the target is declared failing.
 MAX_FAILED_STEPS = 5
-# Directories tried under [state] dir when another process holds the first (RocksDB locks).
-STATE_SLOTS = 16
 
 
 class MigrationWorker:
@@ -77,6 +77,7 @@ class MigrationWorker:
         self._rate = RateEstimate(INITIAL_SECS_PER_BYTE)
         self._next = 0  # round-robin over partitions with work
         self._failed_steps = 0
+        self._busy = BusyPartitions()
         self.replays = ReplayWorker(config, control, stats, reader=self._reader, rate=self._rate)
         self._replay_turn = False  # migration and replay steps alternate when both have work
 
@@ -98,9 +99,10 @@ class MigrationWorker:
         partitions = list(partitions)
         self.replays.forget(partitions)
         for partition in partitions:
-            entry = self._partitions.pop(partition, None)
+            self._partitions.pop(partition, None)
             self._chasing.pop(partition, None)
-            if entry is not None and self._key is not None and self._store is not None:
+            self._busy.cleared(partition)
+            if self._key is not None and self._store is not None:
                 self._store.release(self._key[0], self._key[1], partition)
 
     async def before_window(
@@ -140,7 +142,9 @@ class MigrationWorker:
         if not self._backfill_enabled:
             return []
         done = {p for p, entry in self._partitions.items() if entry.phase is Phase.DONE}
-        return partitions_to_backfill(state.active, consumer.assignment(), done)
+        busy = self._busy.waiting(time.monotonic())
+        work = partitions_to_backfill(state.active, consumer.assignment(), done)
+        return [p for p in work if p not in busy]
 
     async def step(
         self,
@@ -173,6 +177,8 @@ class MigrationWorker:
         except (ModelLoadError, TargetFailing) as exc:
             self.forget([partition])  # redone from its checkpoint on `resume`
             await self._fail(migration, str(exc))
+        except StateBusy as exc:
+            self._busy.held(partition, exc, time.monotonic())
         except RetryWindow as exc:
             self._failed_steps += 1
             log.error("backfill step failed (%s); it is redone from its checkpoint", exc)
@@ -208,6 +214,11 @@ class MigrationWorker:
             keys = await anyio.to_thread.run_sync(
                 self._store.partition, migration.migration_id, migration.epoch, partition
             )
+            self._busy.cleared(partition)
+            if partition not in consumer.assignment():
+                # Revoked while the state was opening (`forget` already ran): let it go.
+                self._store.release(migration.migration_id, migration.epoch, partition)
+                return
             entry = PartitionBackfill(
                 self._config,
                 migration_range(migration, partition),
@@ -288,17 +299,13 @@ class MigrationWorker:
 
 
 def open_key_store(config: Config) -> KeyStore:
-    """This process's key store under `[state] dir`: the group's directory, or the next free
-    slot beside it when another processor on this machine holds it (RocksDB locks)."""
+    """This process's key store: the group's directory under `[state] dir`.
+
+    Every worker of the group on this machine shares it, so a partition that moves
+    between them keeps its state; each partition's database is locked by its holder, and
+    a worker that finds one still held skips it until it is released (`StateBusy`).
+    """
     group = re.sub(r"[^A-Za-z0-9._-]", "_", config.kafka.group_id)
     root = Path(config.state.dir) / group
-    for slot in range(STATE_SLOTS):
-        path = root if slot == 0 else root.with_name(f"{root.name}.{slot}")
-        try:
-            store = KeyStore.open(path)
-        except StateError as exc:
-            log.info("state: %s is in use (%s); trying the next slot", path, exc)
-            continue
-        log.info("state: key store in %s", path)
-        return store
-    raise StateError(f"state: no free slot under {root} ({STATE_SLOTS} in use)")
+    log.info("state: key store in %s", root)
+    return KeyStore.open(root)

@@ -40,6 +40,16 @@ class Offsets:
         self._processed.update(offsets)
         self._sensor.on_commit(offsets)
 
+    async def confirm_membership(self) -> None:
+        """Commit again what is committed already: the broker refuses it (`CommitFailed`) if
+        this member's session expired and its partitions went to another (a zombie).
+
+        Backfill runs this before each step: a zombie would otherwise keep writing backfill
+        records for partitions whose new owner is writing newer versions live.
+        """
+        if self._processed:
+            await self._consumer.commit(dict(self._processed))
+
     def rewind(self, records: Sequence[SourceRecord]) -> None:
         """Seek each partition back to the window's first record, to process it again."""
         first: dict[int, int] = {}

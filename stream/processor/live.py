@@ -166,6 +166,13 @@ class LiveConsumer:
     async def _backfill_step(self, budget_secs: float) -> None:
         """One bounded backfill step; it counts as in flight for a rebalance like a window."""
         began = time.perf_counter()
+        try:
+            # Outside the window: a rejoin that this refusal starts must not wait for it.
+            await self.offsets.confirm_membership()
+        except CommitFailed as exc:
+            log.warning("not a group member any more; backfill waits for the rejoin: %s", exc)
+            await anyio.sleep(self._backoff)  # the rejoin runs meanwhile (in the client)
+            return
         with self.rebalance.window():
             state = await self._control.sync()
             try:

@@ -23,6 +23,7 @@ The share scheduler gives replay steps the same model time as backfill steps
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 import anyio
@@ -34,9 +35,10 @@ from stream.core.records import SourceRecord
 from stream.core.replays import Replay, replay_partitions_with_work
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate
-from stream.errors import ModelLoadError
+from stream.errors import CommitFailed, ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
+from stream.processor.busy import BusyPartitions
 from stream.processor.control import ControlPlane
 from stream.processor.partition_backfill import (
     BackfillRange,
@@ -47,6 +49,7 @@ from stream.processor.partition_backfill import (
 from stream.processor.sensors import ProcessorStats
 from stream.processor.window import RetryWindow, WindowProcessor
 from stream.state.keystore import KeyStore
+from stream.state.rocks import StateBusy
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ class ReplayWorker:
         self._holding: set[str] = set()  # replays whose state this process may have on disk
         self._swept = False
         self._next = 0  # round-robin over (replay, partition) with work
+        self._busy = BusyPartitions()
 
     async def before_window(
         self, state: RoutingState, consumer: GroupConsumer, records: Sequence[SourceRecord]
@@ -182,12 +186,14 @@ class ReplayWorker:
     def _work(self, state: RoutingState, consumer: GroupConsumer) -> list[tuple[Replay, int]]:
         assigned = consumer.assignment()
         done_here = self._done
+        busy = self._busy.waiting(time.monotonic())
         return [
             (replay, partition)
             for replay in state.replays.values()
             for partition in replay_partitions_with_work(
                 replay, assigned, {p for r, p in done_here if r == replay.replay_id}
             )
+            if (replay.replay_id, partition) not in busy
         ]
 
     async def step(
@@ -207,6 +213,9 @@ class ReplayWorker:
         try:
             entry = self._entries.get(ident) or await self._open(replay, partition, consumer)
             await entry.step(processor, budget_secs)
+        except StateBusy as exc:
+            self._busy.held(ident, exc, time.monotonic())
+            return
         except RetryWindow as exc:
             log.error("replay step failed (%s); it is redone from its checkpoint", exc)
             await self._release([ident])
@@ -232,6 +241,7 @@ class ReplayWorker:
         revoked = set(partitions)
         for ident in [i for i in self._entries if i[1] in revoked]:
             self._entries.pop(ident)
+            self._busy.cleared(ident)
             if self.store is not None:
                 self.store.release(state_name(ident[0]), STATE_EPOCH, ident[1])
         self._done = {i for i in self._done if i[1] not in revoked}
@@ -244,6 +254,11 @@ class ReplayWorker:
             raise RuntimeError("the replay worker has no key store yet")
         name = state_name(replay.replay_id)
         keys = await anyio.to_thread.run_sync(store.partition, name, STATE_EPOCH, partition)
+        self._busy.cleared((replay.replay_id, partition))
+        if partition not in consumer.assignment():
+            # Revoked while the state was opening (`forget` already ran): let it go.
+            store.release(name, STATE_EPOCH, partition)
+            raise CommitFailed(f"partition {partition} was revoked while its state opened")
         self._holding.add(replay.replay_id)
         entry = PartitionBackfill(
             self._config,

@@ -10,9 +10,17 @@ from urllib.parse import quote
 
 import rocksdict
 
+from schemas.errors import LatticeError
 
-class StateError(Exception):
+
+class StateError(LatticeError):
     """The state directory cannot be used (locked by another process, or not this one's)."""
+
+
+class StateBusy(StateError):
+    """A partition's state is held by another process on this machine: a worker that owned
+    the partition has not released it yet (its revocation is late, or it is a zombie whose
+    session expired). Transient: retry later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,8 @@ def open_db(path: Path, options: rocksdict.Options) -> rocksdict.Rdict:
     try:
         return rocksdict.Rdict(str(path), options)
     except Exception as exc:  # rocksdict raises a bare Exception for a held lock
+        if "lock" in str(exc).lower():
+            raise StateBusy(f"cannot open the state at {path}: {exc}") from exc
         raise StateError(f"cannot open the state at {path}: {exc}") from exc
 
 

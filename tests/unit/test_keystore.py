@@ -10,7 +10,7 @@ import rocksdict
 
 from stream.state import keystore
 from stream.state.keystore import KEYS, LIVE, Counts, KeyStore, Verdict
-from stream.state.rocks import StateError
+from stream.state.rocks import StateBusy, StateError
 
 E, T, S = Verdict.EMBED, Verdict.TOMBSTONE, Verdict.SKIP
 
@@ -181,7 +181,7 @@ def test_a_directory_of_another_partition_is_refused(tmp_path: Path) -> None:
 def test_a_held_directory_is_refused(tmp_path: Path) -> None:
     with KeyStore.open(tmp_path) as first, KeyStore.open(tmp_path) as second:
         first.partition("mig-1", 0, 0)
-        with pytest.raises(StateError, match="cannot open"):
+        with pytest.raises(StateBusy, match="cannot open"):
             second.partition("mig-1", 0, 0)
         first.release("mig-1", 0, 0)  # revoked here: the other worker takes it over
         assert second.partition("mig-1", 0, 0).checkpoint(KEYS) is None
