@@ -100,11 +100,15 @@ class ControlPlane:
         await self._publish_status()
         return self.state
 
-    async def tail(self, *, close_windows: bool = True) -> None:
-        """Apply records as they arrive, forever; close the rollback window when it is due.
+    async def tail(self, *, close_windows: bool | None = None) -> None:
+        """Apply records as they arrive, forever; a processor (`publish_status`) also closes
+        the rollback window when it is due.
 
-        Read-only followers (`serve`) pass `close_windows=False`: only processors append.
+        Only processors append `window_closed`: a read-only follower (`status --watch`,
+        `serve`, a test waiting for a phase) with a fast clock must not end the window early.
         """
+        if close_windows is None:
+            close_windows = self._publish
         async with anyio.create_task_group() as tasks:
             if close_windows:
                 tasks.start_soon(self._close_window_when_due)

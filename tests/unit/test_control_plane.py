@@ -8,7 +8,14 @@ import anyio
 import msgspec
 import pytest
 
-from schemas.control import BackfillProgress, ControlEvent, HandoffRecorded, StartMigration
+from schemas.control import (
+    BackfillConfig,
+    BackfillProgress,
+    ControlEvent,
+    HandoffRecorded,
+    StartMigration,
+    WindowClosed,
+)
 from schemas.routing import MigrationState, RoutingStatus
 from schemas.snapshot import MigrationSnapshot, RoutingSnapshot
 from stream.config import Config, ModelConfig
@@ -230,3 +237,45 @@ async def test_a_snapshots_topic_it_may_not_use_only_costs_a_full_replay() -> No
     assert (processor.resumed_from, processor.folded_records) == (None, 8)
     assert state == (await full_replay(log)).state
     assert [topic for topic, _ in log.published] == ["embed.routing"], "status still published"
+
+
+def completed_with_a_past_window() -> list[bytes]:
+    """A migration completed, its 1 s rollback window long over (the fake log's clock is
+    in 2023)."""
+    events: list[ControlEvent] = [
+        StartMigration(
+            migration_id="m1",
+            source_model="a",
+            target_model="b",
+            backfill=BackfillConfig(rollback_window_secs=1),
+        ),
+        HandoffRecorded(migration_id="m1", partition=0, offset=0, log_start=0, partitions=1),
+    ]
+    return [msgspec.json.encode(e) for e in events]
+
+
+async def test_only_a_processor_closes_a_rollback_window_that_is_due() -> None:
+    log = FakeControlLog()
+    for value in completed_with_a_past_window():
+        await log.append(ROUTING_KEY, value)
+    async with ControlPlane(CONFIG, log=log) as reader:  # type: ignore[arg-type]
+        await reader.replay()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(reader.tail)  # what `status --watch` runs
+            await log.append(ROUTING_KEY, start("m2", "b"))  # refused: m1's window is open
+            with anyio.fail_after(5):
+                state = await reader.wait_applied(2)
+            tasks.cancel_scope.cancel()
+    assert state.status().phase == "rollback_window"
+    assert len(log.records) == 3, "a reader appended nothing"
+    log = reopened(log)
+    async with ControlPlane(CONFIG, publish_status=True, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(processor.tail)
+            with anyio.fail_after(5):
+                state = await processor.wait_applied(3)
+            tasks.cancel_scope.cancel()
+    closed = msgspec.json.decode(log.records[3].value or b"", type=ControlEvent)
+    assert isinstance(closed, WindowClosed) and closed.migration_id == "m1"
+    assert state.status().phase == "stable" and state.status().write_models == ["b"]
