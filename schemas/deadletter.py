@@ -4,7 +4,9 @@ A dead letter keeps the original key, value, headers and timestamp; what went wr
 headers (UTF-8 strings). v1 had the six below; v2 adds `lattice.dlq.model`, present when the
 rejection depends on one model of the write set (too long for that model's window, that
 model failed on the input, that model's output was refused): the record still reached the
-other write models. Without it, the record reached no model.
+other write models. Without it, the record reached no model. v2 also adds
+`lattice.dlq.truncated-from` and `lattice.dlq.headers-dropped` on a reduced dead letter,
+written when the broker refused the full one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class DeadLetterHeaders(msgspec.Struct, frozen=True, kw_only=True, rename="kebab
     error: str
     model: str | None = None  # v2: the one write model this dead letter is for
     null_value: bool = False  # the original record had neither key nor value
+    # v2, reduced dead letters (the broker refused the full one, e.g. the DLQ's
+    # max.message.bytes is below the input's size): the original value's length before it
+    # was cut, and whether the original headers (and the key past 512 bytes) were dropped.
+    truncated_from: int | None = None
+    headers_dropped: bool = False
 
     def source(self) -> str:
         """`<topic>/<partition>/<offset>` of the input record, as output headers write it."""
@@ -51,6 +58,10 @@ def encode_dead_letter_headers(info: DeadLetterHeaders) -> list[tuple[str, bytes
         headers.append(("model", info.model))
     if info.null_value:
         headers.append(("null-value", "true"))
+    if info.truncated_from is not None:
+        headers.append(("truncated-from", str(info.truncated_from)))
+    if info.headers_dropped:
+        headers.append(("headers-dropped", "true"))
     return [(HEADER_PREFIX + name, text.encode("utf-8")) for name, text in headers]
 
 

@@ -18,13 +18,18 @@ from stream.kafka.records import to_source_record
 class ControlLog:
     """A reader of the control partition from offset 0, and a producer for it."""
 
-    def __init__(self, kafka: KafkaConfig, topic: str) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, topic: str, *, offsets_timeout_ms: int | None = None
+    ) -> None:
+        """`offsets_timeout_ms`: how long an end-offset request waits for Kafka (the
+        client's default, 40 s, if None)."""
         self._kafka = kafka
         self._tp = TopicPartition(topic, 0)
         self._consumer: AIOKafkaConsumer = make_consumer(kafka, group_id=None)
         # End offsets come from a client of their own: on the tailing consumer's connection a
         # ListOffsets request waits behind the fetch long-poll (fetch_max_wait_ms).
-        self._offsets: AIOKafkaConsumer = make_consumer(kafka, group_id=None)
+        timeout = {} if offsets_timeout_ms is None else {"request_timeout_ms": offsets_timeout_ms}
+        self._offsets: AIOKafkaConsumer = make_consumer(kafka, group_id=None, **timeout)
         self._producer: AIOKafkaProducer = make_producer(kafka, linger_ms=0)
 
     async def __aenter__(self) -> ControlLog:

@@ -44,6 +44,20 @@ COMMIT_ERRORS = (
 )
 
 
+# The idempotent producer's sequence state is broken (batches expired or were lost in a long
+# outage): every later send fails the same way until the producer is replaced.
+PRODUCER_RESET_ERRORS = (
+    kafka.OutOfOrderSequenceNumber,
+    kafka.UnknownProducerId,
+    kafka.InvalidProducerEpoch,
+)
+
+
+def needs_new_producer(exc: BaseException) -> bool:
+    """Whether only a new producer (a new producer id) can send again after `exc`."""
+    return isinstance(exc, PRODUCER_RESET_ERRORS)
+
+
 def classify(
     exc: BaseException,
     what: str,

@@ -9,6 +9,7 @@ and the returned `Ack` resolves when the broker acknowledged. Both raise `Record
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Generator
 from typing import Any
 
@@ -17,18 +18,25 @@ from aiokafka import AIOKafkaProducer
 from stream.config import KafkaConfig
 from stream.core.records import OutRecord
 from stream.kafka.clients import make_producer
-from stream.kafka.errors import is_client_error, kafka_errors, send_error
+from stream.kafka.errors import is_client_error, kafka_errors, needs_new_producer, send_error
+
+log = logging.getLogger(__name__)
+
+REPLACED_STOP_SECS = 30
 
 
 class Ack:
     """The broker's acknowledgement of one send; `await ack` returns the record's offset."""
 
-    __slots__ = ("_bootstrap", "_future", "_topic")
+    __slots__ = ("_future", "_generation", "_owner", "_topic")
 
-    def __init__(self, future: asyncio.Future[Any], topic: str, bootstrap: str) -> None:
+    def __init__(
+        self, future: asyncio.Future[Any], topic: str, owner: OutputProducer, generation: int
+    ) -> None:
         self._future = future
         self._topic = topic
-        self._bootstrap = bootstrap
+        self._owner = owner
+        self._generation = generation
 
     def __await__(self) -> Generator[Any, None, int]:
         return self._wait().__await__()
@@ -38,7 +46,8 @@ class Ack:
             metadata = await self._future
         except Exception as exc:
             if is_client_error(exc):
-                raise send_error(exc, self._topic, self._bootstrap) from exc
+                await self._owner._replace_if_broken(exc, self._generation)
+                raise send_error(exc, self._topic, self._owner.bootstrap) from exc
             raise
         return int(metadata.offset)
 
@@ -48,9 +57,15 @@ class OutputProducer:
 
     def __init__(self, kafka: KafkaConfig, *, linger_ms: int = 5, idempotent: bool | None = None):
         self._kafka = kafka
-        self._producer: AIOKafkaProducer = make_producer(
-            kafka, linger_ms=linger_ms, idempotent=idempotent
-        )
+        self.bootstrap = kafka.bootstrap_servers
+        self._linger_ms = linger_ms
+        self._idempotent = idempotent
+        self._producer: AIOKafkaProducer = self._make()
+        self._generation = 0  # bumped by every replacement of the client
+        self._replacing = asyncio.Lock()
+
+    def _make(self) -> AIOKafkaProducer:
+        return make_producer(self._kafka, linger_ms=self._linger_ms, idempotent=self._idempotent)
 
     async def __aenter__(self) -> OutputProducer:
         async with kafka_errors("producer", self._kafka.bootstrap_servers):
@@ -59,6 +74,26 @@ class OutputProducer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._producer.stop()
+
+    async def _replace_if_broken(self, exc: BaseException, generation: int) -> None:
+        """After an error only a new producer id cures (a sequence broken by a long
+        outage), replace the client once: the failed window is retried on the new one.
+        Records the old client still holds fail; their windows are retried too."""
+        if not needs_new_producer(exc):
+            return
+        async with self._replacing:
+            if generation != self._generation:
+                return  # another failed ack replaced it already
+            log.warning("producer: %r; replacing it with a new producer id", exc)
+            fresh = self._make()
+            async with kafka_errors("producer", self._kafka.bootstrap_servers):
+                await fresh.start()
+            old, self._producer = self._producer, fresh
+            self._generation += 1
+        try:  # what the old client still holds fails (its windows are retried)
+            await asyncio.wait_for(old.stop(), REPLACED_STOP_SECS)
+        except TimeoutError:
+            log.warning("producer: the replaced client did not stop in %ds", REPLACED_STOP_SECS)
 
     async def send(self, topic: str, record: OutRecord, *, partition: int | None = None) -> Ack:
         """Enqueue `record` for `topic`; the `Ack` resolves once the broker has it."""
@@ -73,9 +108,10 @@ class OutputProducer:
             )
         except Exception as exc:
             if is_client_error(exc):
+                await self._replace_if_broken(exc, self._generation)
                 raise send_error(exc, topic, self._kafka.bootstrap_servers) from exc
             raise
-        return Ack(future, topic, self._kafka.bootstrap_servers)
+        return Ack(future, topic, self, self._generation)
 
     async def flush(self) -> None:
         """Wait until every record sent so far has been delivered (or failed)."""

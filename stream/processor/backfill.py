@@ -25,7 +25,7 @@ from stream.core.records import SourceRecord
 from stream.core.routing import Migration, RoutingState
 from stream.core.scheduler import RateEstimate, chunk_atoms
 from stream.core.windows import partitions_to_backfill
-from stream.errors import ModelLoadError, TargetFailing
+from stream.errors import BrokerUnavailable, ModelLoadError, TargetFailing
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
 from stream.processor.busy import BusyPartitions
@@ -179,6 +179,9 @@ class MigrationWorker:
             await self._fail(migration, str(exc))
         except StateBusy as exc:
             self._busy.held(partition, exc, time.monotonic())
+        except BrokerUnavailable as exc:  # an outage is not the target's fault: not counted
+            log.warning("backfill step stopped, Kafka unreachable (%s); redone later", exc)
+            self.forget([partition])
         except RetryWindow as exc:
             self._failed_steps += 1
             log.error("backfill step failed (%s); it is redone from its checkpoint", exc)

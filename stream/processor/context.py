@@ -38,18 +38,25 @@ T = TypeVar("T")
 
 
 class Health(Sensor):
-    """What readiness means: models loaded, control log replayed, partitions assigned."""
+    """What readiness means: models loaded, control log replayed, partitions assigned, and
+    Kafka reachable now."""
 
     def __init__(self) -> None:
         self.models_loaded = False
         self.control_replayed = False
         self.assigned = False
+        self.broker_reachable = True
         self.stopping = False
 
     @property
     def ready(self) -> bool:
         """Ready to take traffic (and to count in a rollout)."""
-        return self.models_loaded and self.control_replayed and self.assigned and not self.stopping
+        started = self.models_loaded and self.control_replayed and self.assigned
+        return started and self.broker_reachable and not self.stopping
+
+    def on_broker(self, reachable: bool) -> None:
+        """Kafka unreachable: not ready until it is back (the processor keeps running)."""
+        self.broker_reachable = reachable
 
     def on_assigned(self, partitions: Sequence[int]) -> None:
         """Partitions assigned: the instance takes part in the group."""
@@ -90,7 +97,7 @@ async def open_processor(
     config = context.config
     sensor = Sensors(context.health, *context.sensors)
     async with AsyncExitStack() as stack:
-        control = await _enter(stack, ControlPlane(config, publish_status=True))
+        control = await _enter(stack, ControlPlane(config, publish_status=True, sensor=sensor))
         context.control = control
         state = await control.replay()
         context.health.control_replayed = True

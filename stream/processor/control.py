@@ -11,7 +11,10 @@ before snapshots existed, to the same state.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -30,8 +33,9 @@ from stream.core.snapshot import (
     snapshot_of,
     state_of,
 )
-from stream.errors import LatticeError
+from stream.errors import BrokerUnavailable, LatticeError
 from stream.kafka.control_log import ControlLog
+from stream.processor.sensors import Sensor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,13 @@ SNAPSHOTS_READ = 16
 _decoder = msgspec.json.Decoder(ControlEvent)
 _snapshot_decoder = msgspec.json.Decoder(RoutingSnapshot)
 _encoder = msgspec.json.Encoder()
+OUTAGE_BACKOFF_SECS = 0.5  # first wait after a failed call while Kafka is unreachable
+MAX_OUTAGE_BACKOFF_SECS = 10.0
+# The offsets client answers "unreachable" after this long, not after the 40 s default, so
+# readiness says so early in an outage.
+OFFSETS_TIMEOUT_MS = 10_000
+BROKER_CHECK_SECS = 5.0  # a tailing processor's reachability probe
+T = TypeVar("T")
 
 
 def record_time(timestamp_ms: int) -> datetime:
@@ -58,14 +69,26 @@ class ControlPlane:
         *,
         publish_status: bool = False,
         write_snapshots: bool | None = None,
+        ride_outages: bool | None = None,
+        sensor: Sensor | None = None,
         log: ControlLog | None = None,
     ) -> None:
         """`publish_status` and `write_snapshots` (default: as `publish_status`) are for
-        processors; read-only users (CLI, serve) still start from snapshots."""
+        processors; read-only users (CLI, serve) still start from snapshots.
+
+        `ride_outages` (default: as `publish_status`; `serve` sets it too): while Kafka is
+        unreachable, calls are retried with backoff instead of raising `BrokerUnavailable`,
+        and `sensor` hears `on_broker(False)` then `on_broker(True)`. A CLI call raises.
+        """
         self._config = config
         self._publish = publish_status
         self._write_snapshots = publish_status if write_snapshots is None else write_snapshots
-        self._log = log or ControlLog(config.kafka, config.topics.control)
+        self._ride_outages = publish_status if ride_outages is None else ride_outages
+        self._sensor = sensor or Sensor()
+        self._down_since: float | None = None
+        self._log = log or ControlLog(
+            config.kafka, config.topics.control, offsets_timeout_ms=OFFSETS_TIMEOUT_MS
+        )
         self._basis = FoldBasis(config.routing.stable_model, frozenset(config.models))
         self.state: RoutingState = initial_state(config.routing.stable_model, set(config.models))
         self._next_offset = 0
@@ -112,19 +135,67 @@ class ControlPlane:
         async with anyio.create_task_group() as tasks:
             if close_windows:
                 tasks.start_soon(self._close_window_when_due)
+            if self._ride_outages:
+                tasks.start_soon(self._watch_broker)
             while True:
-                await self._fetch_and_apply(timeout_ms=1000)
+                await self._ride("tail", lambda: self._fetch_and_apply(timeout_ms=1000))
 
     async def sync(self) -> RoutingState:
         """The state after every control record appended before this call was applied."""
-        end = await self._log.end_offset()
+        end = await self._ride("end offset", self._log.end_offset)
         while self._next_offset < end:
             await self._changed.wait()
         return self.state
 
     async def append(self, event: ControlEvent) -> int:
-        """Write an event to the control log; returns its offset once acknowledged."""
-        return await self._log.append(ROUTING_KEY, _encoder.encode(event))
+        """Write an event to the control log; returns its offset once acknowledged.
+
+        Retried through an outage (processors): every internal event folds the same when
+        applied twice (a handoff or a checkpoint already recorded changes nothing, a
+        second `migration_failed` is refused), so a retry after a lost acknowledgement is
+        harmless.
+        """
+        value = _encoder.encode(event)
+        return await self._ride("append", lambda: self._log.append(ROUTING_KEY, value))
+
+    @property
+    def broker_reachable(self) -> bool:
+        """False while calls to Kafka are failing and being retried."""
+        return self._down_since is None
+
+    async def _watch_broker(self) -> None:
+        """Ask for the log's end every `BROKER_CHECK_SECS`: whatever else blocks in an
+        outage (a commit waits for the coordinator without a timeout), readiness follows."""
+        while True:
+            await self._ride("end offset", self._log.end_offset)
+            await anyio.sleep(BROKER_CHECK_SECS)
+
+    async def _ride(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried with backoff while Kafka is unreachable (if riding outages)."""
+        backoff = OUTAGE_BACKOFF_SECS
+        while True:
+            try:
+                result = await call()
+            except BrokerUnavailable as exc:
+                if not self._ride_outages:
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self._sensor.on_broker(False)
+                    log.warning(
+                        "control plane: %s failed, retrying until Kafka is back: %s", what, exc
+                    )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_OUTAGE_BACKOFF_SECS)
+                continue
+            if self._down_since is not None:
+                log.info(
+                    "control plane: Kafka reachable again after %.0fs",
+                    time.monotonic() - self._down_since,
+                )
+                self._down_since = None
+                self._sensor.on_broker(True)
+            return result
 
     async def wait_applied(self, offset: int) -> RoutingState:
         """The state right after the record at `offset` was applied (while tailing)."""
@@ -246,8 +317,8 @@ class ControlPlane:
         comparable = msgspec.structs.replace(status, updated_at=None, control_offset=None)
         if comparable == self._published:
             return
-        self._published = comparable
         await self._log.publish(self._config.topics.routing, ROUTING_KEY, _encoder.encode(status))
+        self._published = comparable  # after the send: a status lost to an outage goes again
         log.info(
             "routing: phase=%s query=%s write=%s state=%s progress=%s",
             status.phase,

@@ -23,7 +23,7 @@ from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
 from stream.core.windows import partition_write_models, window_deadline
-from stream.errors import CommitFailed, TargetFailing
+from stream.errors import BrokerUnavailable, CommitFailed, TargetFailing
 from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
@@ -108,6 +108,11 @@ class LiveConsumer:
                 except CommitFailed as exc:
                     # Uncommitted: the partition's new owner processes these records again.
                     log.warning("a partition moved during the window: %s", exc)
+                except BrokerUnavailable as exc:
+                    # An outage: the window is redone once Kafka answers (at-least-once).
+                    log.warning("Kafka unreachable during a window (%s); redone", exc)
+                    self.offsets.rewind(records)
+                    await self._back_off()
 
     async def _live_window(self, records: Sequence[SourceRecord]) -> None:
         state = await self._control.sync()
@@ -127,8 +132,7 @@ class LiveConsumer:
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
             self.offsets.rewind(records)
-            await anyio.sleep(self._backoff)
-            self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_SECS)
+            await self._back_off()
             return
         self._backoff = INITIAL_BACKOFF_SECS
         await self.offsets.commit(records)
@@ -137,6 +141,11 @@ class LiveConsumer:
         self._sensor.on_window(seconds)
         self._scheduler.record_live(seconds, time.monotonic())
         self._live_rate.observe(len(records), seconds)
+
+    async def _back_off(self) -> None:
+        """Wait before redoing a window; the wait doubles until a window succeeds."""
+        await anyio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_SECS)
 
     async def _process(
         self, state: RoutingState, records: Sequence[SourceRecord], *, fail_fast: bool = True

@@ -65,6 +65,16 @@ class ProcessorCollector(Collector):
         for (model, stage), count in sorted(stats.model_dead_letters.items()):
             for_model.add_metric([model, stage], count)
         yield for_model
+        yield CounterMetricFamily(
+            "lattice_dead_letters_reduced",
+            "Dead letters the broker refused, written again reduced (value cut, headers dropped)",
+            value=stats.dead_letters_reduced,
+        )
+        yield CounterMetricFamily(
+            "lattice_dead_letters_lost",
+            "Dead letters refused even reduced: given up on so the partition moves on (logged)",
+            value=stats.dead_letters_lost,
+        )
         yield _by("lattice_truncated", "Texts cut to the model window", "model", stats.truncated)
         yield CounterMetricFamily(
             "lattice_backfill_events", "Backfill events replayed", value=stats.backfilled_events
@@ -178,6 +188,7 @@ class Metrics(Sensor):
         health = self._context.health
         detail = (
             f"models_loaded={health.models_loaded} "
-            f"control_replayed={health.control_replayed} assigned={health.assigned}"
+            f"control_replayed={health.control_replayed} assigned={health.assigned} "
+            f"broker_reachable={health.broker_reachable}"
         )
         return health.ready, detail

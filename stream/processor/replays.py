@@ -35,7 +35,7 @@ from stream.core.records import SourceRecord
 from stream.core.replays import Replay, replay_partitions_with_work
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate
-from stream.errors import CommitFailed, ModelLoadError
+from stream.errors import BrokerUnavailable, CommitFailed, ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.reader import PartitionReader
 from stream.processor.busy import BusyPartitions
@@ -215,6 +215,10 @@ class ReplayWorker:
             await entry.step(processor, budget_secs)
         except StateBusy as exc:
             self._busy.held(ident, exc, time.monotonic())
+            return
+        except BrokerUnavailable as exc:
+            log.warning("replay step stopped, Kafka unreachable (%s); redone later", exc)
+            await self._release([ident])
             return
         except RetryWindow as exc:
             log.error("replay step failed (%s); it is redone from its checkpoint", exc)

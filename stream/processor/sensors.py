@@ -33,6 +33,9 @@ class Sensor:
     def on_window(self, seconds: float) -> None:
         """One live window was processed and committed in `seconds`."""
 
+    def on_broker(self, reachable: bool) -> None:
+        """Kafka became unreachable (calls are being retried), or reachable again."""
+
 
 class Sensors(Sensor):
     """Several sensors as one: each event reaches each of them, in order."""
@@ -59,6 +62,9 @@ class Sensors(Sensor):
     def on_window(self, seconds: float) -> None:
         self._each("on_window", seconds)
 
+    def on_broker(self, reachable: bool) -> None:
+        self._each("on_broker", reachable)
+
 
 @dataclass
 class ProcessorStats:
@@ -69,6 +75,8 @@ class ProcessorStats:
     tombstones: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)  # by stage, all of them
     model_dead_letters: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, stage)
+    dead_letters_reduced: int = 0  # refused by the broker, written again reduced
+    dead_letters_lost: int = 0  # refused even reduced: given up on, logged
     truncated: Counter[str] = field(default_factory=Counter)
     embed_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     backfilled_events: int = 0

@@ -28,7 +28,7 @@ from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage, decode_ato
 from schemas.embeddings import EmbeddingPath, SourceRef
 from stream.config import Config
 from stream.core.batching import InOrderRelease
-from stream.core.deadletter import dead_letter
+from stream.core.deadletter import REDUCTIONS, dead_letter
 from stream.core.output import embedding_output, tombstone_output
 from stream.core.records import OutRecord, SourceRecord
 from stream.embed.embedder import Embedder, Tokenized, Vectors
@@ -83,7 +83,10 @@ class Window:
         self._config = config
         self._producer = producer
         self._stats = stats
-        self._acks: list[tuple[Ack, int, str]] = []
+        self._acks: list[tuple[Ack, int, str]] = []  # outputs: (ack, position, model)
+        # Dead letters: (ack, position, model or None, reduction), and what each one says.
+        self._letter_acks: list[tuple[Ack, int, str | None, int]] = []
+        self._letters: dict[tuple[int, str | None], tuple[Stage, str, str]] = {}
 
     async def decode(self) -> None:
         """Decode every record; invalid ones are dead letters (live) or skipped (backfill,
@@ -186,27 +189,59 @@ class Window:
             model or "-",
             reason,
         )
-        letter = dead_letter(record, stage, error_class, reason, model=model)
+        self._letters[position, model] = (stage, error_class, reason)
+        await self._send_letter(position, model, 0)
+
+    async def _send_letter(self, position: int, model: str | None, reduction: int) -> None:
+        """Send the dead letter of (`position`, `model`), reduced `reduction` steps; one the
+        broker refuses is sent again smaller, and given up on (counted, logged) past the
+        last step, so a poison record cannot stall its partition."""
+        stage, error_class, reason = self._letters[position, model]
+        record = self.records[position]
+        letter = dead_letter(record, stage, error_class, reason, model=model, reduction=reduction)
         try:
             ack = await self._producer.send(self._config.topics.dlq, letter)
-        except (RecordRejected, SendFailed) as exc:
+        except RecordRejected as exc:
+            await self._letter_refused(position, model, reduction, exc)
+            return
+        except SendFailed as exc:
             raise RetryWindow(f"dead letter could not be written: {exc}") from exc
-        self._acks.append((ack, position, ""))
+        self._letter_acks.append((ack, position, model, reduction))
+
+    async def _letter_refused(
+        self, position: int, model: str | None, reduction: int, exc: RecordRejected
+    ) -> None:
+        record = self.records[position]
+        where = f"{record.topic}/{record.partition}/{record.offset}"
+        if reduction < REDUCTIONS:
+            log.warning("dead letter for %s refused (%s); writing it reduced", where, exc)
+            self._stats.dead_letters_reduced += 1
+            await self._send_letter(position, model, reduction + 1)
+            return
+        log.error("dead letter for %s refused even reduced (%s); given up on", where, exc)
+        self._stats.dead_letters_lost += 1
 
     async def settle(self) -> None:
-        """Wait for every send; record-specific failures become dead letters, others retry."""
-        while self._acks:
+        """Wait for every send; record-specific failures become dead letters (a refused dead
+        letter goes again reduced), others retry the window."""
+        while self._acks or self._letter_acks:
             acks, self._acks = self._acks, []
             for ack, position, model in acks:
                 try:
                     await ack
                 except RecordRejected as exc:
-                    if not model:
-                        raise RetryWindow(f"dead letter could not be written: {exc}") from exc
                     error_class = type(exc.__cause__).__name__
                     await self.dead_letter(position, "produce", error_class, str(exc), model=model)
                 except SendFailed as exc:
                     raise RetryWindow(str(exc)) from exc
+            letters, self._letter_acks = self._letter_acks, []
+            for letter, position, letter_model, reduction in letters:
+                try:
+                    await letter
+                except RecordRejected as exc:
+                    await self._letter_refused(position, letter_model, reduction, exc)
+                except SendFailed as exc:
+                    raise RetryWindow(f"dead letter could not be written: {exc}") from exc
 
 
 class _ModelOutputs:

@@ -96,12 +96,16 @@ class EmbeddingService:
         """Whether ready, and the detail /readyz shows."""
         replayed = self._control is not None and self._control.replayed.is_set()
         loaded = ",".join(sorted(self._batchers)) or "none"
-        return self.ready, f"control_replayed={replayed} models_loaded={loaded}"
+        # An outage leaves the API ready: it answers with the routing it last saw, and says so.
+        reachable = self._control is None or self._control.broker_reachable
+        detail = f"control_replayed={replayed} models_loaded={loaded} broker_reachable={reachable}"
+        return self.ready, detail
 
     async def run(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
         """Replay the control log, load the query model, report ready, then follow the log."""
         await prepare_topics(self.config)
-        async with ControlPlane(self.config) as control, anyio.create_task_group() as tasks:
+        following = ControlPlane(self.config, ride_outages=True)
+        async with following as control, anyio.create_task_group() as tasks:
             self._control = control
             self._tasks = tasks
             await control.replay()

@@ -31,7 +31,13 @@ BACKLOG = 600  # atoms drained at the start: the capacity measurement
 
 
 async def quarter_load(
-    bootstrap: str, running: Running, atoms: str, history: History, backlog: int
+    bootstrap: str,
+    running: Running,
+    atoms: str,
+    history: History,
+    backlog: int,
+    *,
+    ride_outages: bool = False,
 ) -> tuple[LiveLoad, float]:
     """Measure capacity by draining the `backlog` already produced (one model), and return
     a load of creates, updates and deletes at a quarter of it: dual-written, half the model
@@ -39,9 +45,8 @@ async def quarter_load(
     began = time.monotonic()
     await drained(bootstrap, running, atoms)
     capacity = backlog / (time.monotonic() - began)
-    return LiveLoad(
-        bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4
-    ), capacity
+    events = lambda n: history.events(n, churn=0.4)  # noqa: E731
+    return LiveLoad(bootstrap, atoms, events, capacity / 4, ride_outages=ride_outages), capacity
 
 
 @pytest.mark.timeout(300)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from stream.core.records import OutRecord, SourceRecord
-from stream.errors import CommitFailed, LatticeError
+from stream.errors import CommitFailed, LatticeError, RecordRejected
 from stream.kafka.consumer import PartitionListener
 
 
@@ -39,6 +39,9 @@ class FakeProducer:
     sent: list[tuple[str, OutRecord]] = field(default_factory=list)
     fail: dict[str, LatticeError] = field(default_factory=dict)  # at every send
     fail_ack: dict[str, list[LatticeError]] = field(default_factory=dict)  # one per ack
+    # Records to a topic over its size (key + value + headers) are refused at the ack, as a
+    # broker refuses one over the topic's max.message.bytes.
+    max_bytes: dict[str, int] = field(default_factory=dict)
 
     async def __aenter__(self) -> FakeProducer:
         return self
@@ -49,6 +52,10 @@ class FakeProducer:
     async def send(self, topic: str, record: OutRecord, *, partition: int | None = None) -> FakeAck:
         if topic in self.fail:
             raise self.fail[topic]
+        limit = self.max_bytes.get(topic)
+        if limit is not None and record_bytes(record) > limit:
+            too_large = RecordRejected(f"send to {topic}: the broker refused the record (fake)")
+            return FakeAck(-1, too_large)
         self.sent.append((topic, record))
         errors = self.fail_ack.get(topic)
         return FakeAck(len(self.sent) - 1, errors.pop(0) if errors else None)
@@ -61,8 +68,20 @@ class FakeProducer:
         return [record.key for sent_to, record in self.sent if sent_to == topic]
 
 
+def record_bytes(record: OutRecord) -> int:
+    """A record's size as a broker limit counts it, near enough: key, value and headers."""
+    headers = sum(len(name) + len(value) for name, value in record.headers)
+    return len(record.key or b"") + len(record.value or b"") + headers
+
+
 def source(
-    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    headers: Sequence[tuple[str, bytes]] = (),
 ) -> SourceRecord:
     """A SourceRecord with a broker-like timestamp."""
     return SourceRecord(
@@ -71,7 +90,7 @@ def source(
         offset=offset,
         key=key,
         value=value,
-        headers=(),
+        headers=tuple(headers),
         timestamp_ms=1_700_000_000_000 + offset,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterable
@@ -52,6 +53,29 @@ def stop_local_broker() -> None:
     subprocess.run([str(LOCAL_KAFKA), "stop"], env=test_broker_env(), check=True)
 
 
+class OwnBroker:
+    """A broker of one test's own (its port, its data directory), for tests that stop and
+    start it; the session's broker stays up for every other test."""
+
+    def __init__(self, directory: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.env = {**test_broker_env(), "KAFKA_PORT": str(port), "KAFKA_DIR": str(directory)}
+        self.bootstrap = f"127.0.0.1:{port}"
+
+    async def _local_kafka(self, command: str) -> None:
+        await anyio.run_process([str(LOCAL_KAFKA), command], env=self.env, stdout=None)
+
+    async def start(self) -> None:
+        """Start it (returns once it answers metadata requests)."""
+        await self._local_kafka("start")
+
+    async def stop(self) -> None:
+        """Stop it; no process is left behind."""
+        await self._local_kafka("stop")
+
+
 def test_broker_env() -> dict[str, str]:
     """The test broker gets its own port and data directory, apart from the demo's."""
     env = dict(os.environ)
@@ -96,9 +120,9 @@ async def produce(
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 * 1024 * 1024
     )
-    await producer.start()
     count = 0
     try:
+        await producer.start()  # inside: a start that fails (broker down) still closes it
         futures = []
         for key, value in records:
             futures.append(

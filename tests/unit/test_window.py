@@ -14,6 +14,7 @@ import anyio
 import msgspec
 import pytest
 
+from schemas.deadletter import decode_dead_letter_headers
 from schemas.embeddings import decode_embedding
 from stream.config import Config, ModelConfig
 from stream.core.records import SourceRecord
@@ -165,3 +166,36 @@ async def test_outputs_carry_the_fingerprint_and_the_atoms_metadata(
         assert with_metadata.created_at == datetime.fromisoformat(created_at)
         assert (plain.metadata, plain.created_at) == (None, None)
     assert fingerprints["a"] != fingerprints["b"]
+
+
+@pytest.mark.parametrize(
+    ("dlq_limit", "reduced", "lost"),
+    [(4000, 1, 0), (1400, 2, 0), (100, 2, 1)],
+    ids=["value-cut", "headers-dropped", "given-up"],
+)
+async def test_a_dead_letter_the_broker_refuses_is_written_reduced_or_given_up_on(
+    tiny_model: Path, tiny_model_b: Path, dlq_limit: int, reduced: int, lost: int
+) -> None:
+    """A poison record whose dead letter is over the DLQ's size limit must not stall the
+    partition: the letter goes again smaller, and past the last step is counted as lost."""
+    poison = source(
+        "atoms", 0, 0, b"k-poison", b"{not json " + b"x" * 8000, headers=[("trace", b"t" * 600)]
+    )
+    records = [poison, created(1, "k1", "a fine text")]
+    producer = FakeProducer(max_bytes={"embed.dlq": dlq_limit})
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    with anyio.fail_after(30):
+        await processor.process(records, ("a", "b"), None)
+    stats = processor.stats
+    assert (stats.dead_letters_reduced, stats.dead_letters_lost) == (reduced, lost)
+    assert producer.keys("embeddings.a") == [b"k1"] and producer.keys("embeddings.b") == [b"k1"]
+    letters = [r for topic, r in producer.sent if topic == "embed.dlq"]
+    if lost:
+        assert letters == []
+        return
+    [letter] = letters
+    info = decode_dead_letter_headers(letter.headers)
+    assert (info.topic, info.partition, info.offset, info.stage) == ("atoms", 0, 0, "decode")
+    assert info.truncated_from == len(poison.value or b"") and len(letter.value or b"") == 1024
+    assert info.headers_dropped is (reduced == 2)
+    assert any(name == "trace" for name, _ in letter.headers) is (reduced == 1)

@@ -1,0 +1,113 @@
+"""A broker outage during a migration under live load: the processor keeps running, /readyz
+says 503 while Kafka is away and 200 once it is back, and nothing is lost (issue 11)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from schemas.routing import RoutingPhase
+from stream.config import Config, load_config
+from stream.ops.operator import send_command
+from tests.integration.conftest import write_config
+from tests.integration.test_metrics import get
+from tests.integration.test_migration import (
+    PARTITIONS,
+    History,
+    assert_model_matches_atoms,
+    phase_is,
+    start,
+)
+from tests.integration.test_migration_load import quarter_load
+from tests.support.kafka import OwnBroker, create_topic, end_offsets, produce, unique
+from tests.support.processor import processor, wait_for_routing
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.slow]
+
+BACKLOG = 600
+# The issue's outage: two minutes. LATTICE_TEST_OUTAGE_SECS shortens it for a quick look.
+OUTAGE_SECS = float(os.environ.get("LATTICE_TEST_OUTAGE_SECS", "120"))
+
+
+async def readiness(port: int) -> int:
+    status, _ = await get(port, "/readyz")
+    return status
+
+
+async def until_ready_is(port: int, wanted: int, *, within: float) -> float:
+    """Poll /readyz (what a kubelet does) until it answers `wanted`; returns the wait."""
+    began = time.monotonic()
+    with anyio.fail_after(within):
+        while True:
+            if await readiness(port) == wanted:
+                break
+            await anyio.sleep(0.5)  # the probe's period: readiness has no event to await
+    return time.monotonic() - began
+
+
+@pytest.mark.timeout(600)
+async def test_a_two_minute_outage_during_a_migration_loses_nothing(
+    tmp_path: Path, tiny_model: Path, tiny_model_b: Path
+) -> None:
+    broker = OwnBroker(tmp_path / "kafka")
+    await broker.start()
+    try:
+        atoms = unique("atoms")
+        await create_topic(broker.bootstrap, atoms, partitions=PARTITIONS)
+        path = write_config(
+            tmp_path,
+            broker.bootstrap,
+            models={"tiny": tiny_model, "tinyb": tiny_model_b},
+            stable="tiny",
+            atoms=atoms,
+            extra="[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n",
+        )
+        config: Config = load_config(path, {})
+        history = History(seed=31)
+        await produce(broker.bootstrap, atoms, history.events(BACKLOG, churn=0.3))
+        async with processor(config) as running:
+            load, capacity = await quarter_load(
+                broker.bootstrap, running, atoms, history, BACKLOG, ride_outages=True
+            )
+            await produce(broker.bootstrap, atoms, history.events(4 * BACKLOG, churn=0.3))
+            assert running.metrics_port is not None
+            port = running.metrics_port
+            assert await readiness(port) == 200
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(load.run)
+                accepted, _ = await send_command(config, start("m1", rollback_window_secs=3600))
+                assert accepted
+                mid = await wait_for_routing(
+                    config,
+                    lambda s: s.migration is not None and s.migration.progress.processed > 0,
+                    within=120,
+                )
+                await broker.stop()
+                down = time.monotonic()
+                went_down = await until_ready_is(port, 503, within=OUTAGE_SECS)
+                # The outage's length: the fault itself, not a wait for a condition.
+                await anyio.sleep(max(0.0, down + OUTAGE_SECS - time.monotonic()))
+                await broker.start()
+                came_back = await until_ready_is(port, 200, within=120)
+                state = await wait_for_routing(
+                    config, phase_is(RoutingPhase.ROLLBACK_WINDOW), within=240
+                )
+                load.stop()
+            await running.drained(
+                await end_offsets(broker.bootstrap, atoms, PARTITIONS), within=120
+            )
+        assert state.migration is not None and state.migration.progress.total
+        for model in ("tiny", "tinyb"):
+            await assert_model_matches_atoms(broker.bootstrap, config, atoms, model)
+        print(
+            f"\noutage: capacity {capacity:.0f} atoms/s, load {load.rate:.0f}/s "
+            f"({load.produced} events, {load.refused} bursts refused), broker down "
+            f"{OUTAGE_SECS:.0f}s at backfill {mid.migration.progress if mid.migration else None}; "
+            f"/readyz 503 after {went_down:.1f}s, 200 {came_back:.1f}s after the restart"
+        )
+    finally:
+        await broker.stop()
