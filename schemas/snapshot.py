@@ -86,3 +86,6 @@ class RoutingSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     last_rejection: Rejection | None = None
     fingerprints: dict[str, str] = msgspec.field(default_factory=dict)
     replays: list[ReplaySnapshot] = msgspec.field(default_factory=list)
+    # v2: the signature policy the fold ran under (`TrustPolicy.basis`; "" when signatures
+    # are not required): a reader under another policy would reject other records.
+    basis_trust: str = ""

@@ -147,6 +147,27 @@ class ControlSettings(_Section, frozen=True):
     # compacted snapshots topic; a start-up folds the latest one plus the records after it.
     # 0 turns snapshots off (neither written nor read: every start-up replays the whole log).
     snapshot_every: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    # v2, signed control records (`stream.core.signing`). Each key is a file holding its
+    # secret (a mounted secret); only key ids appear anywhere else.
+    key_files: dict[str, str] = msgspec.field(default_factory=dict)
+    signing_key: str | None = None  # the key id this process signs what it appends with
+    processor_keys: list[str] = msgspec.field(default_factory=list)  # accepted: internal events
+    operator_keys: list[str] = msgspec.field(default_factory=list)  # accepted: commands
+    # Unsigned or forged records (from `signed_from_offset` on) are rejected with a reason
+    # and change nothing. Every instance must share these settings (they shape the fold).
+    require_signatures: bool = False
+    signed_from_offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def __post_init__(self) -> None:
+        known = set(self.key_files)
+        named = [self.signing_key] if self.signing_key else []
+        for key_id in [*named, *self.processor_keys, *self.operator_keys]:
+            if key_id not in known:
+                raise msgspec.ValidationError(f"[control] key {key_id!r} is not in `key_files`")
+        if self.require_signatures and not (self.processor_keys and self.operator_keys):
+            raise msgspec.ValidationError(
+                "[control] `require_signatures` needs `processor_keys` and `operator_keys`"
+            )
 
 
 class StateConfig(_Section, frozen=True):

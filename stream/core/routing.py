@@ -279,6 +279,25 @@ def _replay(state: RoutingState, event: ReplayEvent, at: datetime) -> RoutingSta
     return replace(state, replays=replays)
 
 
+def reject_untrusted(
+    state: RoutingState, event: ControlEvent, offset: int, at: datetime, reason: str
+) -> RoutingState:
+    """A record whose signature is missing, unknown or wrong: a rejection, internal events
+    included (a forged one must show), and nothing else changes."""
+    return replace(
+        state,
+        control_offset=offset,
+        updated_at=at,
+        last_rejection=Rejection(
+            command=type(event).__struct_config__.tag,  # type: ignore[arg-type]
+            command_id=event.command_id,
+            migration_id=getattr(event, "migration_id", None),
+            reason=reason,
+            at=at,
+        ),
+    )
+
+
 def reject_malformed(state: RoutingState, offset: int, at: datetime, reason: str) -> RoutingState:
     """A control record that does not decode: recorded as a rejection, nothing else changes."""
     return replace(

@@ -38,6 +38,7 @@ class FoldBasis:
 
     stable_model: str
     models: frozenset[str]
+    trust: str = ""  # `TrustPolicy.basis()`: which signatures the fold accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ def snapshot_of(
         last_rejection=state.last_rejection,
         fingerprints=dict(sorted(state.fingerprints.items())),
         replays=[_replay_snapshot(state.replays[r]) for r in sorted(state.replays)],
+        basis_trust=basis.trust,
     )
 
 
@@ -105,6 +107,8 @@ def unusable_reason(
         return f"folded from stable model {snapshot.basis_stable_model}, not {basis.stable_model}"
     if frozenset(snapshot.basis_models) != basis.models:
         return f"folded with models {snapshot.basis_models}, not {sorted(basis.models)}"
+    if snapshot.basis_trust != basis.trust:
+        return f"folded under signature policy {snapshot.basis_trust!r}, not {basis.trust!r}"
     if snapshot.next_offset > end_offset or snapshot.last_offset >= snapshot.next_offset:
         return f"covers offsets to {snapshot.next_offset}, the control log ends at {end_offset}"
     return None

@@ -113,10 +113,13 @@ class ControlLog:
             for delivered in pending:
                 await delivered
 
-    async def append(self, key: bytes, value: bytes) -> int:
+    async def append(
+        self, key: bytes, value: bytes, *, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> int:
         """Write one record; returns its offset once acknowledged."""
         async with kafka_errors("control append", self._kafka.bootstrap_servers):
-            metadata = await (await self._producer.send(self._tp.topic, value, key))
+            sent = await self._producer.send(self._tp.topic, value, key, headers=list(headers))
+            metadata = await sent
         return int(metadata.offset)
 
     async def publish(self, topic: str, key: bytes, value: bytes, *, acked: bool = False) -> None:

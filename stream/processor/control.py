@@ -19,12 +19,19 @@ from typing import TypeVar
 import anyio
 import msgspec
 
-from schemas.control import ControlEvent, WindowClosed
+from schemas.control import ControlEvent, InternalEvent, ModelFingerprint, WindowClosed
 from schemas.routing import MigrationState, RoutingStatus
 from schemas.snapshot import RoutingSnapshot
 from stream.config import Config
 from stream.core.records import SourceRecord
-from stream.core.routing import RoutingState, apply, initial_state, reject_malformed
+from stream.core.routing import (
+    RoutingState,
+    apply,
+    initial_state,
+    reject_malformed,
+    reject_untrusted,
+)
+from stream.core.signing import Signer, TrustPolicy
 from stream.core.snapshot import (
     FoldBasis,
     FoldPoint,
@@ -36,6 +43,7 @@ from stream.core.snapshot import (
 from stream.errors import BrokerUnavailable, LatticeError
 from stream.kafka.control_log import ControlLog
 from stream.processor.sensors import Sensor
+from stream.processor.trust import load_trust
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,9 @@ class ControlPlane:
         self._log = log or ControlLog(
             config.kafka, config.topics.control, offsets_timeout_ms=OFFSETS_TIMEOUT_MS
         )
+        # The keys are read from their files on entering (off the event loop).
+        self._signer: Signer | None = None
+        self._trust = TrustPolicy()
         self._basis = FoldBasis(config.routing.stable_model, frozenset(config.models))
         self.state: RoutingState = initial_state(config.routing.stable_model, set(config.models))
         self._next_offset = 0
@@ -101,6 +112,10 @@ class ControlPlane:
         self.resumed_from: int | None = None  # the snapshot's offset a replay started from
 
     async def __aenter__(self) -> ControlPlane:
+        self._signer, self._trust = await anyio.to_thread.run_sync(load_trust, self._config.control)
+        self._basis = FoldBasis(
+            self._basis.stable_model, self._basis.models, trust=self._trust.basis()
+        )
         await self._log.__aenter__()
         return self
 
@@ -156,7 +171,10 @@ class ControlPlane:
         harmless.
         """
         value = _encoder.encode(event)
-        return await self._ride("append", lambda: self._log.append(ROUTING_KEY, value))
+        headers = self._signer.headers(ROUTING_KEY, value) if self._signer else []
+        return await self._ride(
+            "append", lambda: self._log.append(ROUTING_KEY, value, headers=headers)
+        )
 
     @property
     def broker_reachable(self) -> bool:
@@ -208,13 +226,7 @@ class ControlPlane:
 
     async def _apply_records(self, messages: list[SourceRecord]) -> None:
         for message in messages:
-            at = record_time(message.timestamp_ms or 0)
-            try:
-                event = _decoder.decode(message.value or b"")
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.state = reject_malformed(self.state, message.offset, at, str(exc))
-            else:
-                self.state = apply(self.state, event, message.offset, at)
+            self.state = self._fold(self.state, message)
             self._next_offset = message.offset + 1
             self._last = (message.offset, message.timestamp_ms or 0)
         self.folded_records += len(messages)
@@ -234,6 +246,25 @@ class ControlPlane:
                 self._next_offset = position
                 changed, self._changed = self._changed, anyio.Event()
                 changed.set()
+
+    def _fold(self, state: RoutingState, message: SourceRecord) -> RoutingState:
+        """One record applied: malformed or (with signatures required) untrusted records
+        are rejections that change nothing else."""
+        at = record_time(message.timestamp_ms or 0)
+        try:
+            event = _decoder.decode(message.value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return reject_malformed(state, message.offset, at, str(exc))
+        untrusted = self._trust.check(
+            message.offset,
+            message.key,
+            message.value or b"",
+            message.headers,
+            internal=isinstance(event, InternalEvent | ModelFingerprint),
+        )
+        if untrusted is not None:
+            return reject_untrusted(state, event, message.offset, at, untrusted)
+        return apply(state, event, message.offset, at)
 
     async def _resume_from_snapshot(self, end: int) -> None:
         """Start from the latest usable snapshot, once the log is seen to hold its last record.

@@ -254,7 +254,9 @@ class FakeControlLog:
     async def end_offset(self) -> int:
         return len(self.records)
 
-    async def append(self, key: bytes, value: bytes) -> int:
+    async def append(
+        self, key: bytes, value: bytes, *, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> int:
         offset = len(self.records)
         self.records.append(
             SourceRecord(
@@ -263,7 +265,7 @@ class FakeControlLog:
                 offset=offset,
                 key=key,
                 value=value,
-                headers=(),
+                headers=tuple(headers),
                 timestamp_ms=self.now_ms,
             )
         )

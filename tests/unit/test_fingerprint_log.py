@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -94,11 +95,13 @@ async def test_a_changed_model_that_is_not_written_is_refused_when_it_loads(
 class RacingControlLog(FakeControlLog):
     """Another instance, with other weights, appends its fingerprint just before ours."""
 
-    async def append(self, key: bytes, value: bytes) -> int:
+    async def append(
+        self, key: bytes, value: bytes, *, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> int:
         ours = msgspec.json.decode(value, type=ModelFingerprint)
         theirs = ModelFingerprint(model=ours.model, fingerprint=OLD)
         await super().append(key, msgspec.json.encode(theirs))
-        return await super().append(key, value)
+        return await super().append(key, value, headers=headers)
 
 
 async def test_the_loser_of_a_race_with_other_weights_refuses_to_start(tiny_model: Path) -> None:
