@@ -367,10 +367,10 @@ def _readable(message: str) -> str:
 
 
 def _with_bundled_model(config: Config) -> Config:
-    if config.kafka.exactly_once:
+    if config.kafka.exactly_once and not config.kafka.enable_idempotence:
         raise ConfigError(
-            "config: kafka.exactly_once: transactional (exactly-once) mode is not available "
-            "yet; the processor is at-least-once (duplicates carry the same source offset)"
+            "config: kafka.exactly_once: transactions need idempotent producers "
+            "(kafka.enable_idempotence = true)"
         )
     models = dict(config.models)
     bundled = models.get(BUNDLED_MODEL, ModelConfig())

@@ -66,6 +66,11 @@ class FatalKafkaError(LatticeError):
     """Kafka returned an error the client cannot continue after (e.g. a fenced producer)."""
 
 
+class ProducerFencedError(FatalKafkaError):
+    """Another producer with this transactional id started: its partition has a new owner
+    (this instance was a zombie). Fatal for that producer only."""
+
+
 class RecordRejected(LatticeError):
     """The broker refused this one record (too large, invalid); a retry cannot help."""
 

@@ -18,6 +18,7 @@ from stream.errors import (
     FatalKafkaError,
     LatticeError,
     NotAuthorized,
+    ProducerFencedError,
     RecordRejected,
     SendFailed,
 )
@@ -34,7 +35,9 @@ _AUTHORIZATION_ERRORS = (
     kafka.ClusterAuthorizationFailedError,
     kafka.TransactionalIdAuthorizationFailed,
 )
-_FATAL_ERRORS = (kafka.ProducerFenced, kafka.UnsupportedVersionError)
+_FATAL_ERRORS = (kafka.UnsupportedVersionError,)
+# A transactional producer whose id another producer took over (or whose epoch is stale).
+_FENCED_ERRORS = (kafka.ProducerFenced, kafka.TransactionCoordinatorFenced)
 # A commit refused by a rebalance (IllegalStateError: the partition is no longer assigned).
 COMMIT_ERRORS = (
     kafka.CommitFailedError,
@@ -75,6 +78,8 @@ def classify(
         return RecordRejected(f"{what}: the broker refused the record: {exc!r}")
     if isinstance(exc, COMMIT_ERRORS):
         return CommitFailed(f"{what}: the group rebalanced: {exc!r}")
+    if isinstance(exc, _FENCED_ERRORS):
+        return ProducerFencedError(f"{what}: fenced by a newer producer with this id: {exc!r}")
     if isinstance(exc, _FATAL_ERRORS):
         return FatalKafkaError(f"{what}: {exc!r}")
     if isinstance(exc, kafka.KafkaConnectionError):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from stream.config import KafkaConfig
 from stream.core.records import OutRecord
@@ -55,17 +55,30 @@ class Ack:
 class OutputProducer:
     """One aiokafka producer for the lifetime of an `async with` block."""
 
-    def __init__(self, kafka: KafkaConfig, *, linger_ms: int = 5, idempotent: bool | None = None):
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        *,
+        linger_ms: int = 5,
+        idempotent: bool | None = None,
+        transactional_id: str | None = None,
+    ):
         self._kafka = kafka
         self.bootstrap = kafka.bootstrap_servers
         self._linger_ms = linger_ms
         self._idempotent = idempotent
+        self._transactional_id = transactional_id
         self._producer: AIOKafkaProducer = self._make()
         self._generation = 0  # bumped by every replacement of the client
         self._replacing = asyncio.Lock()
 
     def _make(self) -> AIOKafkaProducer:
-        return make_producer(self._kafka, linger_ms=self._linger_ms, idempotent=self._idempotent)
+        return make_producer(
+            self._kafka,
+            linger_ms=self._linger_ms,
+            idempotent=self._idempotent,
+            transactional_id=self._transactional_id,
+        )
 
     async def __aenter__(self) -> OutputProducer:
         async with kafka_errors("producer", self._kafka.bootstrap_servers):
@@ -79,7 +92,9 @@ class OutputProducer:
         """After an error only a new producer id cures (a sequence broken by a long
         outage), replace the client once: the failed window is retried on the new one.
         Records the old client still holds fail; their windows are retried too."""
-        if not needs_new_producer(exc):
+        if not needs_new_producer(exc) or self._transactional_id is not None:
+            # A transactional producer is never replaced behind the caller's back: a new
+            # one with the same id would fence the partition's current owner.
             return
         async with self._replacing:
             if generation != self._generation:
@@ -117,3 +132,39 @@ class OutputProducer:
         """Wait until every record sent so far has been delivered (or failed)."""
         async with kafka_errors("producer flush", self._kafka.bootstrap_servers):
             await self._producer.flush()
+
+
+class TransactionalProducer(OutputProducer):
+    """An `OutputProducer` with one stable transactional id: `begin`, send, then `commit`
+    with the input offsets (or `abort`). Starting it fences any other producer with the
+    same id (a zombie's): that one's next transactional call raises `ProducerFencedError`."""
+
+    def __init__(self, kafka: KafkaConfig, transactional_id: str, *, linger_ms: int = 5):
+        super().__init__(kafka, linger_ms=linger_ms, transactional_id=transactional_id)
+        self.transactional_id = transactional_id
+        self.in_transaction = False
+
+    async def begin(self) -> None:
+        """Open a transaction: every send until `commit` or `abort` belongs to it."""
+        async with kafka_errors(f"begin {self.transactional_id}", self.bootstrap):
+            await self._producer.begin_transaction()
+        self.in_transaction = True
+
+    async def commit(self, topic: str, offsets: Mapping[int, int], group_id: str) -> None:
+        """Commit the sends with the consumer offsets {partition: next offset} of `topic`,
+        in one transaction (what `read_committed` readers and the group then see)."""
+        async with kafka_errors(f"commit {self.transactional_id}", self.bootstrap):
+            if offsets:
+                await self._producer.send_offsets_to_transaction(
+                    {TopicPartition(topic, p): o for p, o in offsets.items()}, group_id
+                )
+            await self._producer.commit_transaction()
+        self.in_transaction = False
+
+    async def abort(self) -> None:
+        """Abort the open transaction, if any: its sends are never seen by `read_committed`."""
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        async with kafka_errors(f"abort {self.transactional_id}", self.bootstrap):
+            await self._producer.abort_transaction()

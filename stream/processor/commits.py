@@ -40,6 +40,12 @@ class Offsets:
         self._processed.update(offsets)
         self._sensor.on_commit(offsets)
 
+    def committed(self, offsets: dict[int, int]) -> None:
+        """Offsets committed by an exactly-once transaction (not by `commit`)."""
+        if offsets:
+            self._processed.update(offsets)
+            self._sensor.on_commit(offsets)
+
     async def confirm_membership(self) -> None:
         """Commit again what is committed already: the broker refuses it (`CommitFailed`) if
         this member's session expired and its partitions went to another (a zombie).

@@ -29,6 +29,7 @@ from stream.processor.control import ControlPlane
 from stream.processor.inference import Inference
 from stream.processor.live import LiveConsumer
 from stream.processor.sensors import ProcessorStats, Sensor, Sensors
+from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import WindowProcessor
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,12 @@ async def open_processor(
         )
         inference = Inference(config.batching, context.stats, sensor)
         processor = WindowProcessor(config, context.models, producer, inference, context.stats)
-        context.live = LiveConsumer(config, consumer, processor, control, migration, sensor)
+        transactions = None
+        if config.kafka.exactly_once:
+            transactions = await _enter(stack, PartitionTransactions(config))
+        context.live = LiveConsumer(
+            config, consumer, processor, control, migration, sensor, transactions=transactions
+        )
         yield context.live, control
 
 

@@ -23,13 +23,20 @@ from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
 from stream.core.windows import partition_write_models, window_deadline
-from stream.errors import BrokerUnavailable, CommitFailed, TargetFailing
+from stream.errors import (
+    BrokerUnavailable,
+    CommitFailed,
+    LatticeError,
+    ProducerFencedError,
+    TargetFailing,
+)
 from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
 from stream.processor.control import ControlPlane
 from stream.processor.rebalance import Rebalance
 from stream.processor.sensors import Sensor
+from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import RetryWindow, WindowProcessor
 
 log = logging.getLogger(__name__)
@@ -52,8 +59,13 @@ class LiveConsumer:
         control: ControlPlane,
         migration: MigrationWorker,
         sensor: Sensor,
+        *,
+        transactions: PartitionTransactions | None = None,
     ) -> None:
+        """`transactions` (exactly-once mode): each window's outputs, dead letters and input
+        offsets are committed in one transaction per input partition."""
         self._config = config
+        self._transactions = transactions
         self._consumer = consumer
         self._processor = processor
         self._control = control
@@ -61,7 +73,11 @@ class LiveConsumer:
         self._sensor = sensor
         self.offsets = Offsets(consumer, sensor)
         self.rebalance = Rebalance(
-            migration, self.offsets, sensor, max_wait=config.kafka.max_poll_interval_ms / 2000
+            migration,
+            self.offsets,
+            sensor,
+            max_wait=config.kafka.max_poll_interval_ms / 2000,
+            transactions=transactions,
         )
         self._fetched_at = time.monotonic()  # when the last window's fetch ended
         self._max_wait_secs = config.batching.max_wait_ms / 1000
@@ -109,10 +125,17 @@ class LiveConsumer:
                     # Uncommitted: the partition's new owner processes these records again.
                     log.warning("a partition moved during the window: %s", exc)
                 except BrokerUnavailable as exc:
-                    # An outage: the window is redone once Kafka answers (at-least-once).
+                    # An outage: the window is redone once Kafka answers.
                     log.warning("Kafka unreachable during a window (%s); redone", exc)
+                    await self._abort(records)
                     self.offsets.rewind(records)
                     await self._back_off()
+                except ProducerFencedError as exc:
+                    # A zombie: the partitions' new owner fenced this instance's producers.
+                    log.error("exactly-once: %s; this instance no longer owns them", exc)
+                    await self._fenced({r.partition for r in records})
+                    self.offsets.rewind(records)
+                    await self._back_off()  # until the group rejoins and says who owns what
 
     async def _live_window(self, records: Sequence[SourceRecord]) -> None:
         state = await self._control.sync()
@@ -126,21 +149,77 @@ class LiveConsumer:
                 await self._process(state, records)
             except TargetFailing as exc:
                 # The target fails the migration, not the fleet: the window again, without it
-                # (outputs the source already published are written once more: at-least-once).
+                # (outputs the source already published are written once more: at-least-once;
+                # in exactly-once mode they are aborted first).
                 state = await self._migration.fail_target(state, str(exc))
+                await self._abort(records)
                 await self._process(state, records, fail_fast=False)
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
+            await self._abort(records)
             self.offsets.rewind(records)
             await self._back_off()
             return
         self._backoff = INITIAL_BACKOFF_SECS
-        await self.offsets.commit(records)
+        if self._transactions is None:
+            await self.offsets.commit(records)
+        else:
+            await self._commit_transactions(records)
         await self._migration.after_window(state, records)
         seconds = time.perf_counter() - began
         self._sensor.on_window(seconds)
         self._scheduler.record_live(seconds, time.monotonic())
         self._live_rate.observe(len(records), seconds)
+
+    async def _commit_transactions(self, records: Sequence[SourceRecord]) -> None:
+        """Commit each input partition's transaction with its offset; a partition whose
+        commit fails is aborted and redone (fenced: left to its new owner)."""
+        assert self._transactions is not None
+        ends: dict[int, int] = {}
+        for record in records:
+            ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        committed: dict[int, int] = {}
+        failed: list[SourceRecord] = []
+        for partition, end in sorted(ends.items()):
+            try:
+                await self._transactions.commit(partition, end)
+            except ProducerFencedError as exc:
+                log.error("exactly-once: partition %d: %s; its new owner redoes it", partition, exc)
+                await self._fenced([partition])
+                failed += [r for r in records if r.partition == partition]
+            except LatticeError as exc:
+                log.warning(
+                    "exactly-once: commit of partition %d failed (%s); redone", partition, exc
+                )
+                await self._abort([r for r in records if r.partition == partition])
+                failed += [r for r in records if r.partition == partition]
+            else:
+                committed[partition] = end
+        self.offsets.rewind(failed)
+        self.offsets.committed(committed)
+
+    async def _fenced(self, partitions: set[int] | list[int]) -> None:
+        """A producer was fenced: this instance's session expired and its partitions moved,
+        all of them (eager rebalance). Drop every producer; none starts again before a
+        rebalance assigns partitions here (it would fence their rightful owners)."""
+        if self._transactions is not None:
+            every = set(partitions) | set(self._consumer.assignment())
+            every |= set(self._transactions.open_partitions())
+            await self._transactions.release(every)
+            self._transactions.fenced(every)
+
+    async def _abort(self, records: Sequence[SourceRecord]) -> None:
+        """Exactly-once: abort the window's open transactions (nothing of it is seen)."""
+        if self._transactions is None:
+            return
+        partitions = {r.partition for r in records}
+        try:
+            await self._transactions.abort(partitions)
+        except ProducerFencedError:
+            await self._fenced(partitions)
+        except LatticeError as exc:  # unreachable: the producers are restarted, aborting it
+            log.warning("exactly-once: abort failed (%s); restarting the producers", exc)
+            await self._transactions.release(partitions)
 
     async def _back_off(self) -> None:
         """Wait before redoing a window; the wait doubles until a window succeeds."""
@@ -169,8 +248,17 @@ class LiveConsumer:
             and migration.target != migration.source
         ):
             target = migration.target
+        producer_for = None
+        if self._transactions is not None:
+            transactions = self._transactions
+            producers = {
+                p: await transactions.begin(p) for p in sorted({r.partition for r in records})
+            }
+            producer_for = producers.__getitem__
         for models, group in groups.items():
-            await self._processor.process(group, models, migration_id, target=target)
+            await self._processor.process(
+                group, models, migration_id, target=target, producer_for=producer_for
+            )
 
     async def _backfill_step(self, budget_secs: float) -> None:
         """One bounded backfill step; it counts as in flight for a rebalance like a window."""

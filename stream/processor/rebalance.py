@@ -11,6 +11,7 @@ import anyio
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
 from stream.processor.sensors import Sensor
+from stream.processor.transactions import PartitionTransactions
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,16 @@ class Rebalance:
     """The consumer group's `PartitionListener` for the live path."""
 
     def __init__(
-        self, migration: MigrationWorker, offsets: Offsets, sensor: Sensor, *, max_wait: float
+        self,
+        migration: MigrationWorker,
+        offsets: Offsets,
+        sensor: Sensor,
+        *,
+        max_wait: float,
+        transactions: PartitionTransactions | None = None,
     ) -> None:
         self._migration = migration
+        self._transactions = transactions
         self._offsets = offsets
         self._sensor = sensor
         self._max_wait = max_wait
@@ -47,9 +55,13 @@ class Rebalance:
                 await self._idle.wait()
         self._migration.forget(partitions)
         self._offsets.forget(partitions)
+        if self._transactions is not None:  # the next owner starts (and fences with) its own
+            await self._transactions.release(partitions)
 
     async def on_assigned(self, partitions: Sequence[int]) -> None:
         """Log the new assignment and tell the sensor."""
         log.info("assigned partitions: %s", partitions)
+        if self._transactions is not None:  # fence the previous owners first
+            await self._transactions.acquire(partitions)
         if partitions:
             self._sensor.on_assigned(partitions)

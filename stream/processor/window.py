@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -71,9 +71,11 @@ class Window:
         path: EmbeddingPath,
         migration_id: str | None,
         config: Config,
-        producer: OutputProducer,
+        producer_for: Callable[[int], OutputProducer],
         stats: ProcessorStats,
     ) -> None:
+        """`producer_for(partition)`: the producer for the outputs of an input partition
+        (one for all; in exactly-once mode, that partition's transactional producer)."""
         self.records = records
         self.path = path
         self.migration_id = migration_id
@@ -81,7 +83,7 @@ class Window:
         self.dead: set[int] = set()
         self.dead_for: defaultdict[str, set[int]] = defaultdict(set)
         self._config = config
-        self._producer = producer
+        self._producer_for = producer_for
         self._stats = stats
         self._acks: list[tuple[Ack, int, str]] = []  # outputs: (ack, position, model)
         # Dead letters: (ack, position, model or None, reduction), and what each one says.
@@ -149,7 +151,8 @@ class Window:
             )
             self._stats.tombstones[model] += 1
         try:
-            ack = await self._producer.send(self._config.topics.embeddings(model), output)
+            producer = self._producer_for(record.partition)
+            ack = await producer.send(self._config.topics.embeddings(model), output)
         except RecordRejected as exc:
             error_class = type(exc.__cause__).__name__
             await self.dead_letter(position, "produce", error_class, str(exc), model=model)
@@ -200,7 +203,7 @@ class Window:
         record = self.records[position]
         letter = dead_letter(record, stage, error_class, reason, model=model, reduction=reduction)
         try:
-            ack = await self._producer.send(self._config.topics.dlq, letter)
+            ack = await self._producer_for(record.partition).send(self._config.topics.dlq, letter)
         except RecordRejected as exc:
             await self._letter_refused(position, model, reduction, exc)
             return
@@ -304,8 +307,10 @@ class WindowProcessor:
         *,
         path: EmbeddingPath = "live",
         target: str | None = None,
+        producer_for: Callable[[int], OutputProducer] | None = None,
     ) -> None:
-        """Produce every output of `records` and wait for the acknowledgements.
+        """Produce every output of `records` and wait for the acknowledgements (through
+        `producer_for(input partition)` if given: exactly-once transactions).
 
         Raises `RetryWindow` when a send failed for a reason that a retry can fix, and
         `TargetFailing` when `target` (a migration's target, one of `write_models`) fails
@@ -317,7 +322,7 @@ class WindowProcessor:
             path=path,
             migration_id=migration_id,
             config=self._config,
-            producer=self._producer,
+            producer_for=producer_for or (lambda _: self._producer),
             stats=self.stats,
         )
         await window.decode()

@@ -80,7 +80,11 @@ def test_file_and_environment(tmp_path: Path) -> None:
             "environment: LATTICE_LIMITS_MAX_EVENT_BYTES (limits.max_event_bytes): Expected `int`",
         ),
         ("", {"LATTICE_NOPE": "1"}, "environment: LATTICE_NOPE names no setting"),
-        ("[kafka]\nexactly_once = true\n", {}, "kafka.exactly_once: transactional"),
+        (
+            "[kafka]\nexactly_once = true\nenable_idempotence = false\n",
+            {},
+            "kafka.exactly_once: transactions need idempotent producers",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

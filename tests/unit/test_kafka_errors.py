@@ -10,6 +10,7 @@ from stream.errors import (
     CommitFailed,
     FatalKafkaError,
     NotAuthorized,
+    ProducerFencedError,
     RecordRejected,
     SendFailed,
 )
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(10)
         (kafka.KafkaTimeoutError(), BrokerUnavailable),
         (kafka.CommitFailedError("rebalanced"), CommitFailed),
         (kafka.IllegalStateError("not assigned"), CommitFailed),
-        (kafka.ProducerFenced(), FatalKafkaError),
+        (kafka.ProducerFenced(), ProducerFencedError),
+        (kafka.UnsupportedVersionError(), FatalKafkaError),
         (kafka.MessageSizeTooLargeError(), RecordRejected),
     ],
 )
