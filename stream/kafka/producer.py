@@ -144,6 +144,14 @@ class TransactionalProducer(OutputProducer):
         self.transactional_id = transactional_id
         self.in_transaction = False
 
+    async def __aenter__(self) -> TransactionalProducer:
+        """Start, and wait for the producer id: the broker hands it out only once every
+        earlier transaction of this id is complete (committed or aborted everywhere)."""
+        await super().__aenter__()
+        await self.begin()
+        await self.abort()  # an empty transaction: nothing is sent
+        return self
+
     async def begin(self) -> None:
         """Open a transaction: every send until `commit` or `abort` belongs to it."""
         async with kafka_errors(f"begin {self.transactional_id}", self.bootstrap):

@@ -3,8 +3,10 @@ live path, the control log's tail and the metrics endpoint side by side until st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+from typing import Any
 
 import anyio
 from anyio import TASK_STATUS_IGNORED
@@ -105,10 +107,31 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _stop_on_signals(stop: anyio.Event) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """SIGTERM/SIGINT drain and stop; SIGUSR1 logs every task's stack (a stuck process)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                _log_task_stacks()
+                continue
             log.info("received %s: draining the window in flight", signal.Signals(signum).name)
             stop.set()
+
+
+def _log_task_stacks() -> None:
+    """One log record with the await stack of every task on the loop."""
+    lines = []
+    for task in asyncio.all_tasks():
+        lines.append(f"task {task.get_name()}:")
+        awaiting: Any = task.get_coro()
+        while awaiting is not None:  # the chain of awaits (a suspended task's stack)
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                lines.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(
+                awaiting, "gi_yieldfrom", None
+            )
+    log.warning("SIGUSR1: %d tasks\n%s", len(asyncio.all_tasks()), "\n".join(lines))
 
 
 async def read_status(config: Config) -> RoutingStatus:

@@ -41,6 +41,7 @@ from stream.processor.partition_backfill import (
 )
 from stream.processor.replays import ReplayWorker
 from stream.processor.sensors import ProcessorStats
+from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import RetryWindow, WindowProcessor
 from stream.state.keystore import KeyStore
 from stream.state.rocks import StateBusy
@@ -63,8 +64,11 @@ class MigrationWorker:
         backfill: bool = True,
         reader: PartitionReader | None = None,
         store: KeyStore | None = None,
+        transactions: PartitionTransactions | None = None,
     ) -> None:
+        """`transactions` (exactly-once mode): backfill chunks commit with their progress."""
         self._config = config
+        self._transactions = transactions
         self._control = control
         self._stats = stats
         self._backfill_enabled = backfill
@@ -78,7 +82,14 @@ class MigrationWorker:
         self._next = 0  # round-robin over partitions with work
         self._failed_steps = 0
         self._busy = BusyPartitions()
-        self.replays = ReplayWorker(config, control, stats, reader=self._reader, rate=self._rate)
+        self.replays = ReplayWorker(
+            config,
+            control,
+            stats,
+            reader=self._reader,
+            rate=self._rate,
+            transactions=transactions,
+        )
         self._replay_turn = False  # migration and replay steps alternate when both have work
 
     async def __aenter__(self) -> MigrationWorker:
@@ -231,6 +242,7 @@ class MigrationWorker:
                 control=self._control,
                 stats=self._stats,
                 rate=self._rate,
+                transactions=self._transactions,
             )
             self._partitions[partition] = entry
         await entry.step(processor, budget_secs)

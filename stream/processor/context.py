@@ -122,8 +122,18 @@ async def open_processor(
                 # A migration target that cannot load fails that migration, not the processor.
                 log.error("%s (the live path fails the migration that needs it)", exc)
         context.health.models_loaded = True
+        transactions = None
+        if config.kafka.exactly_once:
+            transactions = await _enter(stack, PartitionTransactions(config))
         migration = await _enter(
-            stack, MigrationWorker(config, control, context.stats, backfill=role != "live")
+            stack,
+            MigrationWorker(
+                config,
+                control,
+                context.stats,
+                backfill=role != "live",
+                transactions=transactions,
+            ),
         )
         producer = await _enter(stack, OutputProducer(config.kafka))
         consumer = await _enter(
@@ -131,9 +141,6 @@ async def open_processor(
         )
         inference = Inference(config.batching, context.stats, sensor)
         processor = WindowProcessor(config, context.models, producer, inference, context.stats)
-        transactions = None
-        if config.kafka.exactly_once:
-            transactions = await _enter(stack, PartitionTransactions(config))
         context.live = LiveConsumer(
             config, consumer, processor, control, migration, sensor, transactions=transactions
         )

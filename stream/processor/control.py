@@ -23,7 +23,7 @@ from schemas.control import ControlEvent, InternalEvent, ModelFingerprint, Windo
 from schemas.routing import MigrationState, RoutingStatus
 from schemas.snapshot import RoutingSnapshot
 from stream.config import Config
-from stream.core.records import SourceRecord
+from stream.core.records import OutRecord, SourceRecord
 from stream.core.routing import (
     RoutingState,
     apply,
@@ -42,6 +42,7 @@ from stream.core.snapshot import (
 )
 from stream.errors import BrokerUnavailable, LatticeError
 from stream.kafka.control_log import ControlLog
+from stream.kafka.producer import TransactionalProducer
 from stream.processor.sensors import Sensor
 from stream.processor.trust import load_trust
 
@@ -60,6 +61,9 @@ MAX_OUTAGE_BACKOFF_SECS = 10.0
 # readiness says so early in an outage.
 OFFSETS_TIMEOUT_MS = 10_000
 BROKER_CHECK_SECS = 5.0  # a tailing processor's reachability probe
+# A tail's fetch returns after this long without records: it then moves past transaction
+# markers (which are not records), so `sync` waits at most this long behind one.
+TAIL_FETCH_MS = 200
 T = TypeVar("T")
 
 
@@ -153,7 +157,7 @@ class ControlPlane:
             if self._ride_outages:
                 tasks.start_soon(self._watch_broker)
             while True:
-                await self._ride("tail", lambda: self._fetch_and_apply(timeout_ms=1000))
+                await self._ride("tail", lambda: self._fetch_and_apply(timeout_ms=TAIL_FETCH_MS))
 
     async def sync(self) -> RoutingState:
         """The state after every control record appended before this call was applied."""
@@ -162,16 +166,22 @@ class ControlPlane:
             await self._changed.wait()
         return self.state
 
-    async def append(self, event: ControlEvent) -> int:
+    async def append(
+        self, event: ControlEvent, *, producer: TransactionalProducer | None = None
+    ) -> int:
         """Write an event to the control log; returns its offset once acknowledged.
 
         Retried through an outage (processors): every internal event folds the same when
         applied twice (a handoff or a checkpoint already recorded changes nothing, a
         second `migration_failed` is refused), so a retry after a lost acknowledgement is
-        harmless.
+        harmless. With `producer` (exactly-once backfill), the record goes in that
+        producer's open transaction, seen once it commits.
         """
         value = _encoder.encode(event)
         headers = self._signer.headers(ROUTING_KEY, value) if self._signer else []
+        if producer is not None:  # inside the caller's transaction: no retry here
+            record = OutRecord(key=ROUTING_KEY, value=value, headers=headers)
+            return await (await producer.send(self._config.topics.control, record, partition=0))
         return await self._ride(
             "append", lambda: self._log.append(ROUTING_KEY, value, headers=headers)
         )
@@ -216,8 +226,13 @@ class ControlPlane:
             return result
 
     async def wait_applied(self, offset: int) -> RoutingState:
-        """The state right after the record at `offset` was applied (while tailing)."""
-        while self._next_offset <= offset:
+        """The state once the record at `offset`, or a later one, was applied (while tailing).
+
+        `offset` may be no record at all (a transaction marker, or a record of an aborted
+        transaction, in the exactly-once mode): then this waits for the next record, as a
+        caller waiting for "whatever comes after offset N" expects.
+        """
+        while self.state.control_offset is None or self.state.control_offset < offset:
             await self._changed.wait()
         return self.state
 
@@ -231,6 +246,9 @@ class ControlPlane:
             self._last = (message.offset, message.timestamp_ms or 0)
         self.folded_records += len(messages)
         if messages:
+            # Past a transaction's marker too (exactly-once backfill writes its progress in
+            # a transaction): otherwise `sync` would wait for the next, empty, fetch.
+            self._next_offset = max(self._next_offset, await self._log.position())
             rejection = self.state.last_rejection
             last_at = record_time(messages[-1].timestamp_ms or 0)
             if rejection is not None and rejection.at == last_at:

@@ -78,6 +78,7 @@ class LiveConsumer:
             sensor,
             max_wait=config.kafka.max_poll_interval_ms / 2000,
             transactions=transactions,
+            consumer=consumer,
         )
         self._fetched_at = time.monotonic()  # when the last window's fetch ended
         self._max_wait_secs = config.batching.max_wait_ms / 1000
@@ -116,7 +117,15 @@ class LiveConsumer:
                     min_atoms=min(MIN_WINDOW_ATOMS, window_atoms),
                     max_atoms=window_atoms,
                 )
+            generation = await self.rebalance.settled()
             records = await self._fetch_window(stop, window_atoms, wait=not pending)
+            if self._transactions is not None and self.rebalance.generation != generation:
+                # Exactly-once: a rebalance ran during the fetch and repositioned its
+                # partitions at their committed offsets; these records may predate that.
+                # Drop them and read again from what is committed now (nothing is lost:
+                # none of them was processed).
+                await self._consumer.seek_to_committed(self._consumer.assignment())
+                continue
             fetched_nothing = pending and not records
             with self.rebalance.window():
                 try:
@@ -265,7 +274,9 @@ class LiveConsumer:
         began = time.perf_counter()
         try:
             # Outside the window: a rejoin that this refusal starts must not wait for it.
-            await self.offsets.confirm_membership()
+            # (Exactly-once needs no such check: a zombie's producer is fenced instead.)
+            if self._transactions is None:
+                await self.offsets.confirm_membership()
         except CommitFailed as exc:
             log.warning("not a group member any more; backfill waits for the rejoin: %s", exc)
             await anyio.sleep(self._backoff)  # the rejoin runs meanwhile (in the client)

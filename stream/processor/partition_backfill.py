@@ -35,6 +35,7 @@ from stream.core.scheduler import RateEstimate, chunk_prefix
 from stream.kafka.reader import PartitionReader
 from stream.processor.control import ControlPlane
 from stream.processor.sensors import ProcessorStats
+from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import WindowProcessor
 from stream.state.keypass import key_events
 from stream.state.keystore import KEYS, LIVE, PartitionKeys, Verdict
@@ -129,8 +130,12 @@ class PartitionBackfill:
         control: ControlPlane,
         stats: ProcessorStats,
         rate: RateEstimate,
+        transactions: PartitionTransactions | None = None,
     ) -> None:
+        """`transactions` (exactly-once mode): each emission chunk and its progress record
+        commit in one transaction, so a crash neither skips nor repeats a chunk."""
         self._config = config
+        self._transactions = transactions
         self._work = work
         self.partition = work.partition
         self._keys = keys
@@ -147,6 +152,13 @@ class PartitionBackfill:
         if keys.checkpoint(KEYS) is None and work.reached > self._log_start:
             # An empty state (a new volume): what the control log says was done stays done.
             keys.restore_emitted(min(work.reached, self._end), work.emitted)
+        elif transactions is not None and work.reached > keys.counts().cursor:
+            # Exactly-once: a chunk committed with its progress, then a crash before the
+            # store moved on. The committed progress is the truth: never emit it twice.
+            counts = keys.counts()
+            keys.advance_emitted(
+                min(work.reached, self._end), max(0, work.emitted - counts.emitted)
+            )
 
     @property
     def phase(self) -> Phase:
@@ -248,24 +260,61 @@ class PartitionBackfill:
         )
         reached = end if fits == len(embeds) else embeds[fits].offset
         batch = [r for r, _ in chosen if r.offset < reached]
+        embedded_count = sum(1 for r in embeds if r.offset < reached)
+        committed = False
         if batch:
             target = self._work.model
             model_secs = self._stats.embed_seconds[target]
             # Only a migration's target can fail its migration (a replay's model has none).
             failing = target if self._work.migration_id is not None else None
-            await processor.process(
-                batch, (target,), self._work.migration_id, path="backfill", target=failing
-            )
+            if self._transactions is None:
+                await processor.process(
+                    batch, (target,), self._work.migration_id, path="backfill", target=failing
+                )
+            else:
+                await self._emit_transaction(processor, batch, failing, reached, embedded_count)
+                committed = True
             # The rate is the model's own (not the step's produce and ack overhead), so a
             # budget buys the atoms the model can embed in it.
             spent = self._stats.embed_seconds[target] - model_secs
             embedded = [r for r in embeds if r.offset < reached]
             self._rate.observe(sum(len(r.value or b"") for r in embedded), spent)
-        embedded_count = sum(1 for r in embeds if r.offset < reached)
         await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
         self._ahead = [r for r in records if r.offset >= reached]
         self._stats.backfilled_events += sum(1 for r in records if r.offset < reached)
+        if committed:  # its progress went with its outputs
+            self._checkpointed_at = time.monotonic()
+            if reached < self._end:
+                return
         await self._checkpoint(force=reached >= self._end)
+
+    async def _emit_transaction(
+        self,
+        processor: WindowProcessor,
+        batch: list[SourceRecord],
+        failing: str | None,
+        reached: int,
+        embedded: int,
+    ) -> None:
+        """Exactly-once: the chunk's outputs and its progress record in one transaction."""
+        assert self._transactions is not None
+        producer = await self._transactions.begin(self.partition)
+        try:
+            await processor.process(
+                batch,
+                (self._work.model,),
+                self._work.migration_id,
+                path="backfill",
+                target=failing,
+                producer_for=lambda _: producer,
+            )
+            progress = self._progress(reached, self._keys.counts().emitted + embedded)
+            await self._control.append(progress, producer=producer)
+            await self._transactions.commit_outputs(self.partition)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._transactions.abort([self.partition])
+            raise
 
     async def _checkpoint(self, *, force: bool = False) -> None:
         """Progress in the control log: at most once per `[backfill] checkpoint_interval_secs`,
@@ -276,12 +325,15 @@ class PartitionBackfill:
             and now - self._checkpointed_at < self._config.backfill.checkpoint_interval_secs
         ):
             return
-        counts = self._keys.counts()
-        counted = self._keys_reached() >= self._end
-        processed = counts.emitted if counted else None
-        total = counts.total if counted else None
-        await self._control.append(self._work.progress(self._cursor(), processed, total))
+        await self._control.append(self._progress(self._cursor(), self._keys.counts().emitted))
         self._checkpointed_at = now
+
+    def _progress(self, cursor: int, emitted: int) -> ControlEvent:
+        """The progress record for the cursor (processed and total once the keys are
+        counted, unknown before)."""
+        counted = self._keys_reached() >= self._end
+        total = self._keys.counts().total if counted else None
+        return self._work.progress(cursor, emitted if counted else None, total)
 
     async def _read(self, start: int, end: int) -> list[SourceRecord]:
         return await self._reader.read(self._config.topics.atoms, self.partition, start, end)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import anyio
 
+from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
 from stream.processor.sensors import Sensor
@@ -27,7 +28,11 @@ class Rebalance:
         *,
         max_wait: float,
         transactions: PartitionTransactions | None = None,
+        consumer: GroupConsumer | None = None,
     ) -> None:
+        """`transactions` and `consumer` (exactly-once): producers of assigned partitions
+        start first, then reading resumes from the offsets committed as of then."""
+        self._consumer = consumer
         self._migration = migration
         self._transactions = transactions
         self._offsets = offsets
@@ -36,6 +41,11 @@ class Rebalance:
         self._idle = anyio.Event()
         self._idle.set()
         self._busy = False
+        # Bumped when an assignment is taken away and when a new one is ready: records
+        # fetched across a change may come from positions that `on_assigned` then reset.
+        self.generation = 0
+        self._settled = anyio.Event()
+        self._settled.set()
 
     @contextmanager
     def window(self) -> Iterator[None]:
@@ -47,8 +57,16 @@ class Rebalance:
             self._busy = False
             self._idle.set()
 
+    async def settled(self) -> int:
+        """Wait until no rebalance is half done; returns the generation."""
+        await self._settled.wait()
+        return self.generation
+
     async def on_revoked(self, partitions: Sequence[int]) -> None:
         """Let the window in flight finish and commit (bounded by half the poll interval)."""
+        self.generation += 1
+        if self._settled.is_set():
+            self._settled = anyio.Event()
         if self._busy:
             log.info("rebalance: waiting for the window in flight before revoking %s", partitions)
             with anyio.move_on_after(self._max_wait):
@@ -61,7 +79,13 @@ class Rebalance:
     async def on_assigned(self, partitions: Sequence[int]) -> None:
         """Log the new assignment and tell the sensor."""
         log.info("assigned partitions: %s", partitions)
-        if self._transactions is not None:  # fence the previous owners first
+        if self._transactions is not None and self._consumer is not None:
+            # Fence the previous owners and wait until their transactions are complete; an
+            # offset fetched before that can be one window old (a pending transactional
+            # commit is not visible yet): that window would be processed twice.
             await self._transactions.acquire(partitions)
+            await self._consumer.seek_to_committed(partitions)
+        self.generation += 1
+        self._settled.set()
         if partitions:
             self._sensor.on_assigned(partitions)

@@ -47,6 +47,7 @@ from stream.processor.partition_backfill import (
     atom_id_of,
 )
 from stream.processor.sensors import ProcessorStats
+from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import RetryWindow, WindowProcessor
 from stream.state.keystore import KeyStore
 from stream.state.rocks import StateBusy
@@ -106,8 +107,10 @@ class ReplayWorker:
         *,
         reader: PartitionReader,
         rate: RateEstimate,
+        transactions: PartitionTransactions | None = None,
     ) -> None:
         self._config = config
+        self._transactions = transactions
         self._control = control
         self._stats = stats
         self._reader = reader
@@ -273,6 +276,7 @@ class ReplayWorker:
             control=self._control,
             stats=self._stats,
             rate=self._rate,
+            transactions=self._transactions,
         )
         self._entries[replay.replay_id, partition] = entry
         return entry

@@ -43,6 +43,9 @@ class PartitionTransactions:
         # Fenced here: another instance owns them now. No producer is started for them
         # again until a rebalance assigns them here (a new producer would fence the owner).
         self._fenced: set[int] = set()
+        # The rebalance listener (`acquire`) and the live loop (`begin`) both start
+        # producers: two with one id in one process would fence each other.
+        self._starting = anyio.Lock()
 
     async def __aenter__(self) -> PartitionTransactions:
         return self
@@ -56,24 +59,27 @@ class PartitionTransactions:
         open transaction, so a zombie cannot commit a window the new owner redoes."""
         for partition in partitions:
             self._fenced.discard(partition)
-            if partition not in self._producers:
-                await self._start(partition)
+            await self._producer(partition)
 
     async def begin(self, partition: int) -> TransactionalProducer:
         """The partition's producer with a transaction open."""
-        producer = self._producers.get(partition)
-        if producer is None:
-            if partition in self._fenced:
-                raise ProducerFencedError(
-                    f"partition {partition} was fenced here: waiting for the group to rejoin"
-                )
-            producer = await self._start(partition)
+        if partition in self._fenced:
+            raise ProducerFencedError(
+                f"partition {partition} was fenced here: waiting for the group to rejoin"
+            )
+        producer = await self._producer(partition)
         await producer.begin()
         return producer
 
     def fenced(self, partitions: Iterable[int]) -> None:
         """Another instance's producer fenced ours for these partitions."""
         self._fenced.update(partitions)
+
+    async def _producer(self, partition: int) -> TransactionalProducer:
+        """The partition's producer, started once."""
+        async with self._starting:
+            producer = self._producers.get(partition)
+            return producer if producer is not None else await self._start(partition)
 
     async def _start(self, partition: int) -> TransactionalProducer:
         kafka = self._config.kafka
@@ -89,6 +95,13 @@ class PartitionTransactions:
         """Commit the partition's open transaction with its input offset."""
         await self._producers[partition].commit(
             self._config.topics.atoms, {partition: next_offset}, self._config.kafka.group_id
+        )
+
+    async def commit_outputs(self, partition: int) -> None:
+        """Commit the partition's open transaction without input offsets (backfill: its
+        progress record is among the sends)."""
+        await self._producers[partition].commit(
+            self._config.topics.atoms, {}, self._config.kafka.group_id
         )
 
     async def abort(self, partitions: Iterable[int]) -> None:

@@ -164,6 +164,11 @@ class FakeGroupConsumer:
         if partition in self.positions:
             self.positions[partition] = offset
 
+    async def seek_to_committed(self, partitions: Sequence[int]) -> None:
+        for partition in partitions:
+            if partition in self.committed:
+                self.positions[partition] = self.committed[partition]
+
     def assignment(self) -> list[int]:
         return list(self.assigned)
 
