@@ -251,18 +251,7 @@ def apply(state: RoutingState, event: ControlEvent, offset: int, at: datetime) -
         if isinstance(event, _INTERNAL):
             # Internal events that lost a race (e.g. progress after cancel) change nothing.
             return replace(state, control_offset=offset)
-        return replace(
-            state,
-            control_offset=offset,
-            updated_at=at,
-            last_rejection=Rejection(
-                command=type(event).__struct_config__.tag,  # type: ignore[arg-type]
-                command_id=event.command_id,
-                migration_id=getattr(event, "migration_id", None),
-                reason=rejected.reason,
-                at=at,
-            ),
-        )
+        return reject(state, event, offset, at, rejected.reason)
     if any(r.state is ReplayState.IN_PROGRESS for r in applied.replays.values()):
         writes = applied.routing_config().write_models
         applied = replace(applied, replays=abandon_unwritten(applied.replays, writes, at))
@@ -279,11 +268,14 @@ def _replay(state: RoutingState, event: ReplayEvent, at: datetime) -> RoutingSta
     return replace(state, replays=replays)
 
 
-def reject_untrusted(
+def reject(
     state: RoutingState, event: ControlEvent, offset: int, at: datetime, reason: str
 ) -> RoutingState:
-    """A record whose signature is missing, unknown or wrong: a rejection, internal events
-    included (a forged one must show), and nothing else changes."""
+    """`event` refused: recorded as the last rejection with `reason`, nothing else changes.
+
+    Also for a record whose signature is missing, unknown or wrong, internal events
+    included (a forged one must show in `status`).
+    """
     return replace(
         state,
         control_offset=offset,

@@ -28,8 +28,8 @@ from stream.core.routing import (
     RoutingState,
     apply,
     initial_state,
+    reject,
     reject_malformed,
-    reject_untrusted,
 )
 from stream.core.signing import Signer, TrustPolicy
 from stream.core.snapshot import (
@@ -281,7 +281,7 @@ class ControlPlane:
             internal=isinstance(event, InternalEvent | ModelFingerprint),
         )
         if untrusted is not None:
-            return reject_untrusted(state, event, message.offset, at, untrusted)
+            return reject(state, event, message.offset, at, untrusted)
         return apply(state, event, message.offset, at)
 
     async def _resume_from_snapshot(self, end: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from schemas.deadletter import decode_dead_letter_headers
 from schemas.routing import RoutingPhase
-from stream.config import load_config
+from stream.config import Config, load_config
 from stream.ops.operator import send_command
 from tests.integration.test_lifecycle import processor_process
 from tests.integration.test_migration import (
@@ -63,27 +64,41 @@ def source_offset(record: Any) -> tuple[int, int]:
     return int(partition), int(offset)
 
 
+def exactly_once(path: Path) -> Config:
+    """Turn `[kafka] exactly_once` on in a test config written by `make_config`."""
+    session = "session_timeout_ms = 10000\n"
+    path.write_text(path.read_text().replace(session, session + "exactly_once = true\n"))
+    config = load_config(path, {})
+    assert config.kafka.exactly_once
+    return config
+
+
+async def quarter_load(config: Config, history: History) -> tuple[LiveLoad, float]:
+    """With the processors started (their first atoms committed), measure capacity as the
+    time to drain a backlog, and return a live load at a quarter of it."""
+    bootstrap, atoms = config.kafka.bootstrap_servers, config.topics.atoms
+    await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
+    await produce(bootstrap, atoms, history.events(BACKLOG, churn=0.3))
+    began = time.monotonic()
+    await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
+    capacity = BACKLOG / (time.monotonic() - began)
+    return LiveLoad(
+        bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4
+    ), capacity
+
+
 @pytest.mark.timeout(420)
 async def test_a_zombie_and_a_kill_leave_every_output_exactly_once(
     bootstrap: str, make_config: Any
 ) -> None:
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms, partitions=PARTITIONS)
-    config, path = make_config(atoms, extra="[batching]\nwindow_atoms = 32\n")
-    session = "session_timeout_ms = 10000\n"
-    path.write_text(path.read_text().replace(session, session + "exactly_once = true\n"))
-    config = load_config(path, {})
-    assert config.kafka.exactly_once
+    _, path = make_config(atoms, extra="[batching]\nwindow_atoms = 32\n")
+    config = exactly_once(path)
     history = History(seed=53)
     await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0) + BAD)
     with processor_process(path) as first, processor_process(path) as second:
-        # Started (the first atoms committed); then capacity: the time to drain a backlog.
-        await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
-        await produce(bootstrap, atoms, history.events(BACKLOG, churn=0.3))
-        began = time.monotonic()
-        await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
-        capacity = BACKLOG / (time.monotonic() - began)
-        load = LiveLoad(bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4)
+        load, capacity = await quarter_load(config, history)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load.run)
             await anyio.sleep(3)  # live traffic before the fault (pacing, not a condition)
@@ -137,19 +152,12 @@ async def test_a_migration_killed_mid_backfill_writes_each_input_once_to_the_tar
     nor skips a chunk, and the target ends equal to a from-scratch replay (G4)."""
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms, partitions=PARTITIONS)
-    config, path = migration_config(atoms)
-    session = "session_timeout_ms = 10000\n"
-    path.write_text(path.read_text().replace(session, session + "exactly_once = true\n"))
-    config = load_config(path, {})
+    _, path = migration_config(atoms)
+    config = exactly_once(path)
     history = History(seed=59)
     await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0))
     with processor_process(path) as first, processor_process(path) as second:
-        await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
-        await produce(bootstrap, atoms, history.events(BACKLOG, churn=0.3))
-        began = time.monotonic()
-        await until_committed(config, await end_offsets(bootstrap, atoms, PARTITIONS), within=120)
-        capacity = BACKLOG / (time.monotonic() - began)
-        load = LiveLoad(bootstrap, atoms, lambda n: history.events(n, churn=0.4), capacity / 4)
+        load, capacity = await quarter_load(config, history)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load.run)
             command = start("m1", batch_size=20, rollback_window_secs=3600)
@@ -188,5 +196,6 @@ async def test_a_migration_killed_mid_backfill_writes_each_input_once_to_the_tar
     assert max(source.values()) == 1, "the source too, live, once per input"
     print(
         f"\nexactly-once migration: killed at {mid.migration.progress if mid.migration else None}; "
-        f"{len(counts)} target records read committed, 0 duplicates; load {load.rate:.0f}/s"
+        f"{len(counts)} target records read committed, 0 duplicates; capacity {capacity:.0f}/s, "
+        f"load {load.rate:.0f}/s"
     )
