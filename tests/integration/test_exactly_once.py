@@ -25,6 +25,7 @@ from tests.integration.test_migration import (
     History,
     expected_final,
     live_only,
+    mid_backfill,
     model_final,
     phase_is,
     start,
@@ -164,11 +165,7 @@ async def test_a_migration_killed_mid_backfill_writes_each_input_once_to_the_tar
             assert (await send_command(config, command))[0]
             mid = await wait_for_routing(
                 config,
-                lambda s: (
-                    s.migration is not None
-                    and s.migration.progress.total is not None
-                    and 0 < s.migration.progress.processed < s.migration.progress.total
-                ),
+                mid_backfill,
                 within=120,
             )
             first.send_signal(signal.SIGKILL)

@@ -22,6 +22,7 @@ from tests.integration.test_migration import (
     expected_final,
     highest_offset_final,
     live_only,
+    mid_backfill,
     model_final,
     phase_is,
     start,
@@ -65,11 +66,7 @@ async def test_full_lifecycle_two_instances_with_a_kill(
             assert (await send_command(config, command))[0]
             mid = await wait_for_routing(
                 config,
-                lambda s: (
-                    s.migration is not None
-                    and s.migration.progress.total is not None
-                    and 0 < s.migration.progress.processed < s.migration.progress.total
-                ),
+                mid_backfill,
                 within=120,
             )
             first.send_signal(signal.SIGKILL)

@@ -127,6 +127,14 @@ def phase_is(phase: RoutingPhase) -> Any:
     return lambda state: state.routing_config().phase is phase
 
 
+def mid_backfill(state: Any) -> bool:
+    """Backfill has a known total and is part way through it (a point to inject a fault)."""
+    migration = state.migration
+    if migration is None or migration.progress.total is None:
+        return False
+    return bool(0 < migration.progress.processed < migration.progress.total)
+
+
 @pytest.mark.timeout(240)
 async def test_migration_then_rollback_keeps_every_atom(
     bootstrap: str, migration_config: Any

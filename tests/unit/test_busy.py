@@ -48,16 +48,21 @@ def test_a_long_hold_warns_once_per_interval(caplog: pytest.LogCaptureFixture) -
     assert [r.levelno for r in caplog.records] == [logging.INFO], "a new hold starts over"
 
 
-@pytest.mark.anyio
-async def test_a_partition_held_by_another_local_worker_waits_and_then_backfills(
-    tiny_model: Path, tiny_model_b: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    config = Config(
+def two_models(tiny_model: Path, tiny_model_b: Path) -> Config:
+    """The stable `tiny` and a migration target `next`."""
+    return Config(
         models={
             "tiny": ModelConfig(path=str(tiny_model)),
             "next": ModelConfig(path=str(tiny_model_b)),
         }
     )
+
+
+@pytest.mark.anyio
+async def test_a_partition_held_by_another_local_worker_waits_and_then_backfills(
+    tiny_model: Path, tiny_model_b: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = two_models(tiny_model, tiny_model_b)
     log = FakeLog("atoms", 2)
     atoms(log, 0, 5)
     atoms(log, 1, 5)
@@ -120,12 +125,7 @@ async def test_a_member_whose_commits_are_refused_writes_no_backfill(
 ) -> None:
     """A zombie (its session expired, its partitions moved) must not write backfill records
     over what the new owner writes live: a refused commit stops backfill until it rejoins."""
-    config = Config(
-        models={
-            "tiny": ModelConfig(path=str(tiny_model)),
-            "next": ModelConfig(path=str(tiny_model_b)),
-        }
-    )
+    config = two_models(tiny_model, tiny_model_b)
     log = FakeLog("atoms", 1)
     atoms(log, 0, 6)
     consumer = RefusingConsumer(log, [0])
