@@ -194,8 +194,9 @@ class LiveConsumer:
                 await self._transactions.commit(partition, end)
             except ProducerFencedError as exc:
                 log.error("exactly-once: partition %d: %s; its new owner redoes it", partition, exc)
-                await self._fenced([partition])
-                failed += [r for r in records if r.partition == partition]
+                await self._fenced([partition])  # drops every producer: nothing more commits
+                failed = [r for r in records if r.partition not in committed]
+                break
             except LatticeError as exc:
                 log.warning(
                     "exactly-once: commit of partition %d failed (%s); redone", partition, exc
