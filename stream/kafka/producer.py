@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 REPLACED_STOP_SECS = 30
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Ack:
     """The broker's acknowledgement of one send; `await ack` returns the record's offset."""
 
@@ -126,6 +131,9 @@ class OutputProducer:
                 await self._replace_if_broken(exc, self._generation)
                 raise send_error(exc, topic, self._kafka.bootstrap_servers) from exc
             raise
+        # A window abandoned at its first failed ack leaves the others unawaited: their
+        # errors are expected, so mark them retrieved (no "exception never retrieved").
+        future.add_done_callback(_retrieve)
         return Ack(future, topic, self, self._generation)
 
     async def flush(self) -> None:
