@@ -46,6 +46,14 @@ class Ack:
     def __await__(self) -> Generator[Any, None, int]:
         return self._wait().__await__()
 
+    async def outcome(self) -> bool:
+        """Wait for the broker's answer without raising: whether the record was written."""
+        try:
+            await asyncio.shield(self._future)
+        except Exception:
+            return False
+        return True
+
     async def _wait(self) -> int:
         try:
             metadata = await self._future

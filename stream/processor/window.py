@@ -49,8 +49,49 @@ PIPELINE_DEPTH = 4
 # dead-lettering every input for the target.
 TARGET_FAILING_INPUTS = 3
 
+# Dead letters a failed window wrote before it failed, kept for its retry (at-least-once
+# only); more than this many means windows keep failing, and the oldest are forgotten.
+LETTER_LEDGER_MAX = 10_000
+
 # (model, window positions the micro-batch finished, their vectors)
 _Embedded = tuple[str, list[int], dict[int, Vectors]]
+
+# A dead letter's identity: input topic, partition, offset, and the model (None: all).
+LetterKey = tuple[str, int, int, str | None]
+
+
+class LetterLedger:
+    """Dead letters written by windows that then failed, so their retries do not write
+    them again (exactly one dead letter per bad offset, across window retries).
+
+    At-least-once only: an aborted transaction discards its dead letters, so in
+    exactly-once mode a retry must write them again. A window that succeeds forgets its
+    offsets (they are committed next), so the ledger holds only failed windows' letters.
+    """
+
+    def __init__(self, limit: int = LETTER_LEDGER_MAX) -> None:
+        self._written: dict[LetterKey, None] = {}
+        self._limit = limit
+
+    def __contains__(self, key: LetterKey) -> bool:
+        return key in self._written
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def add(self, key: LetterKey) -> None:
+        """Remember one written dead letter (the oldest goes past the limit)."""
+        self._written[key] = None
+        if len(self._written) > self._limit:
+            del self._written[next(iter(self._written))]
+
+    def forget(self, records: Sequence[SourceRecord]) -> None:
+        """Drop every entry of `records` (their window succeeded)."""
+        if not self._written:
+            return
+        offsets = {(r.topic, r.partition, r.offset) for r in records}
+        for key in [k for k in self._written if k[:3] in offsets]:
+            del self._written[key]
 
 
 class RetryWindow(Exception):
@@ -73,9 +114,11 @@ class Window:
         config: Config,
         producer_for: Callable[[int], OutputProducer],
         stats: ProcessorStats,
+        ledger: LetterLedger | None = None,
     ) -> None:
         """`producer_for(partition)`: the producer for the outputs of an input partition
-        (one for all; in exactly-once mode, that partition's transactional producer)."""
+        (one for all; in exactly-once mode, that partition's transactional producer).
+        `ledger`: dead letters an earlier try of these records wrote (None: exactly-once)."""
         self.records = records
         self.path = path
         self.migration_id = migration_id
@@ -89,6 +132,7 @@ class Window:
         # Dead letters: (ack, position, model or None, reduction), and what each one says.
         self._letter_acks: list[tuple[Ack, int, str | None, int]] = []
         self._letters: dict[tuple[int, str | None], tuple[Stage, str, str]] = {}
+        self._ledger = ledger
 
     async def decode(self) -> None:
         """Decode every record; invalid ones are dead letters (live) or skipped (backfill,
@@ -182,6 +226,9 @@ class Window:
             self.dead_for[model].add(position)
             self._stats.model_dead_letters[model, stage] += 1
         record = self.records[position]
+        if self._ledger is not None and self._key(position, model) in self._ledger:
+            log.debug("dead letter %s/%d/%d written by an earlier try", *self._key(position)[:3])
+            return
         self._stats.dead_letters[stage] += 1
         log.info(
             "dead letter %s/%d/%d stage=%s model=%s: %s",
@@ -194,6 +241,20 @@ class Window:
         )
         self._letters[position, model] = (stage, error_class, reason)
         await self._send_letter(position, model, 0)
+
+    def _key(self, position: int, model: str | None = None) -> LetterKey:
+        record = self.records[position]
+        return record.topic, record.partition, record.offset, model
+
+    async def keep_letters(self) -> None:
+        """The window failed: wait for the dead letters still in flight and remember
+        those the broker wrote, so the retry does not write them again."""
+        if self._ledger is None:
+            return
+        letters, self._letter_acks = self._letter_acks, []
+        for ack, position, model, _ in letters:
+            if await ack.outcome():
+                self._ledger.add(self._key(position, model))
 
     async def _send_letter(self, position: int, model: str | None, reduction: int) -> None:
         """Send the dead letter of (`position`, `model`), reduced `reduction` steps; one the
@@ -238,13 +299,17 @@ class Window:
                 except SendFailed as exc:
                     raise RetryWindow(str(exc)) from exc
             letters, self._letter_acks = self._letter_acks, []
-            for letter, position, letter_model, reduction in letters:
+            for index, (letter, position, letter_model, reduction) in enumerate(letters):
                 try:
                     await letter
                 except RecordRejected as exc:
                     await self._letter_refused(position, letter_model, reduction, exc)
                 except SendFailed as exc:
+                    self._letter_acks[:0] = letters[index + 1 :]  # for `keep_letters`
                     raise RetryWindow(f"dead letter could not be written: {exc}") from exc
+                else:
+                    if self._ledger is not None:
+                        self._ledger.add(self._key(position, letter_model))
 
 
 class _ModelOutputs:
@@ -298,6 +363,7 @@ class WindowProcessor:
         self.stats = stats
         # Per model: inputs failed alone in a row since its last success (any window).
         self._failed_in_a_row: dict[str, int] = defaultdict(int)
+        self.letters = LetterLedger()
 
     async def process(
         self,
@@ -324,7 +390,19 @@ class WindowProcessor:
             config=self._config,
             producer_for=producer_for or (lambda _: self._producer),
             stats=self.stats,
+            # Only transactions pass `producer_for`; an aborted one wrote no dead letter.
+            ledger=self.letters if producer_for is None else None,
         )
+        try:
+            await self._process(window, write_models, target)
+        except Exception:
+            await window.keep_letters()
+            raise
+        self.letters.forget(records)
+
+    async def _process(
+        self, window: Window, write_models: Sequence[str], target: str | None
+    ) -> None:
         await window.decode()
         embedders = [(model, await self.models.get(model)) for model in write_models]
         jobs = [await self._job(window, model, embedder) for model, embedder in embedders]

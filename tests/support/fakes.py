@@ -31,6 +31,9 @@ class FakeAck:
             raise self._error
         return self._offset
 
+    async def outcome(self) -> bool:
+        return self._error is None
+
 
 @dataclass
 class FakeProducer:

@@ -94,6 +94,23 @@ async def test_an_ack_that_fails_asks_for_the_window_again(
         await processor.process([created(0, "k", "text")], ("a", "b"), None)
 
 
+async def test_a_retried_window_does_not_write_its_dead_letters_again(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    """Exactly one dead letter per bad offset, also when the window fails after writing it."""
+    producer = FakeProducer(fail_ack={"embeddings.a": [SendFailed("no leader for embeddings.a")]})
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    records = [record(0, "bad", {"type": "atom.created"}), created(1, "k", "text")]
+    with pytest.raises(RetryWindow, match="no leader"):
+        await processor.process(records, ("a", "b"), None)
+    assert producer.keys("embed.dlq") == [b"bad"] and len(processor.letters) == 1
+    retried = [*records, record(2, "worse", {"type": "atom.created"})]  # refetched, longer
+    await processor.process(retried, ("a", "b"), None)
+    assert producer.keys("embed.dlq") == [b"bad", b"worse"]
+    assert processor.stats.dead_letters == {"validate": 2}
+    assert len(processor.letters) == 0  # the window succeeded: its offsets commit next
+
+
 async def test_a_record_the_broker_refuses_becomes_one_produce_dead_letter(
     tiny_model: Path, tiny_model_b: Path
 ) -> None:
