@@ -66,6 +66,10 @@ class FatalKafkaError(LatticeError):
     """Kafka returned an error the client cannot continue after (e.g. a fenced producer)."""
 
 
+class TopicDeleted(FatalKafkaError):
+    """A topic the processor reads or writes was deleted while it ran."""
+
+
 class ProducerFencedError(FatalKafkaError):
     """Another producer with this transactional id started: its partition has a new owner
     (this instance was a zombie). Fatal for that producer only."""

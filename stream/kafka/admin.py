@@ -9,13 +9,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
 from stream.config import KafkaConfig
-from stream.errors import BrokerUnavailable
+from stream.errors import BrokerUnavailable, NotAuthorized
 from stream.kafka.clients import MAX_REQUEST_BYTES, connection_options
 from stream.kafka.errors import kafka_errors
 
 log = logging.getLogger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36
+UNKNOWN_TOPIC_OR_PARTITION = 3
+TOPIC_AUTHORIZATION_FAILED = 29
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,23 @@ class Admin:
             if entry["topic"] == topic and entry["error_code"] == 0:
                 return len(entry["partitions"])
         return None
+
+    async def missing_topics(self, topics: list[str]) -> list[str]:
+        """Those of `topics` the broker says do not exist (`NotAuthorized` if it refuses
+        to describe one: a missing Describe ACL hides whether it exists)."""
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            described = await self._client.describe_topics(topics)
+        missing = []
+        for entry in described:
+            code = entry["error_code"]
+            if code == UNKNOWN_TOPIC_OR_PARTITION:
+                missing.append(entry["topic"])
+            elif code == TOPIC_AUTHORIZATION_FAILED:
+                raise NotAuthorized(
+                    f"admin: Kafka at {self._kafka.bootstrap_servers} refused to describe "
+                    f"topic {entry['topic']}: {for_code(code).__name__}"
+                )
+        return sorted(missing)
 
     async def committed(self, group_id: str, topic: str) -> dict[int, int]:
         """The offsets `group_id` has committed on `topic`, per partition (tools, benches)."""

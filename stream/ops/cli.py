@@ -274,6 +274,15 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
         default=24.0,
         help="hours of backfill checkpoints in the simulated --control-log (default 24)",
     )
+    bench.add_argument(
+        "--exactly-once",
+        action="store_true",
+        help="also drain the same mixed backlog (--eos-atoms) at least once and exactly once "
+        "(transactions), runs alternating: the throughput ratio of exactly-once",
+    )
+    bench.add_argument(
+        "--eos-atoms", type=int, default=2048, help="atoms per --exactly-once run (2,048)"
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(

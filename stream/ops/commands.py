@@ -66,6 +66,7 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 control_log=(args.control_partitions, args.control_hours)
                 if args.control_log
                 else None,
+                exactly_once_atoms=args.eos_atoms if args.exactly_once else None,
             )
         )
     finally:

@@ -21,6 +21,7 @@ from stream.processor.control import ControlPlane
 from stream.processor.metrics import Metrics
 from stream.processor.sensors import ProcessorStats, Sensor
 from stream.processor.topics import prepare_topics
+from stream.processor.topicwatch import watch_topics
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ async def run_processor(
                 ):
                     tasks.start_soon(_stop_on_signals, stop)
                     tasks.start_soon(control.tail)
+                    tasks.start_soon(watch_topics, config, lambda: _write_models(control))
                     await live.run(stop)
                     tasks.cancel_scope.cancel()
             finally:
@@ -77,6 +79,10 @@ async def run_processor(
         dict(stats.dead_letters),
     )
     return stats
+
+
+def _write_models(control: ControlPlane) -> list[str]:
+    return list(control.state.routing_config().write_models)
 
 
 async def _serve_metrics(

@@ -305,6 +305,7 @@ async def run_bench(
     serve_requests: int = 512,
     serve_secs: float = 20.0,
     control_log: tuple[int, float] | None = None,
+    exactly_once_atoms: int | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report.
 
@@ -353,6 +354,12 @@ async def run_bench(
             "ideal_atoms_per_sec": ideal,
             "ratio": measured_rate / ideal,
         }
+    if exactly_once_atoms is not None:
+        from stream.tools.benchexactlyonce import exactly_once_ratio
+
+        report["exactly_once"] = await exactly_once_ratio(
+            config, pool, atoms=exactly_once_atoms, runs=runs
+        )
     if backfill_target is not None:
         from stream.tools.benchmigration import backfill_latency
 

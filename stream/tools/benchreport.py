@@ -170,6 +170,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"dual-write {'+'.join(d['models'])}: {d['atoms_per_sec']:.1f} atoms/s, "
             f"ideal {d['ideal_atoms_per_sec']:.1f}, ratio {d['ratio']:.2f}"
         )
+    if "exactly_once" in report:
+        e = report["exactly_once"]
+        lines.append(
+            f"exactly once ({e['workload']}, {e['atoms']} atoms): "
+            f"{e['exactly_once_atoms_per_sec']:.1f} atoms/s against at least once "
+            f"{e['at_least_once_atoms_per_sec']:.1f}, ratio {e['ratio']:.2f}"
+        )
     if "control_log" in report:
         lines += control_log_lines(report["control_log"])
     if "serve" in report:
