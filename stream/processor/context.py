@@ -10,7 +10,7 @@ cleanly. The context fills as start-up proceeds; /metrics and /readyz read it me
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,11 +21,11 @@ from schemas.control import ModelFingerprint
 from stream.config import Config
 from stream.core.routing import RoutingState
 from stream.embed.pool import ModelPool
-from stream.errors import FingerprintMismatch, ModelLoadError
+from stream.errors import BrokerUnavailable, FingerprintMismatch, ModelLoadError
 from stream.kafka.consumer import GroupConsumer
 from stream.kafka.producer import OutputProducer
 from stream.processor.backfill import MigrationWorker
-from stream.processor.control import ControlPlane
+from stream.processor.control import MAX_OUTAGE_BACKOFF_SECS, OUTAGE_BACKOFF_SECS, ControlPlane
 from stream.processor.inference import Inference
 from stream.processor.live import LiveConsumer
 from stream.processor.sensors import ProcessorStats, Sensor, Sensors
@@ -98,7 +98,9 @@ async def open_processor(
     config = context.config
     sensor = Sensors(context.health, *context.sensors)
     async with AsyncExitStack() as stack:
-        control = await _enter(stack, ControlPlane(config, publish_status=True, sensor=sensor))
+        control = await _enter(
+            stack, lambda: ControlPlane(config, publish_status=True, sensor=sensor)
+        )
         context.control = control
         state = await control.replay()
         context.health.control_replayed = True
@@ -124,10 +126,10 @@ async def open_processor(
         context.health.models_loaded = True
         transactions = None
         if config.kafka.exactly_once:
-            transactions = await _enter(stack, PartitionTransactions(config))
+            transactions = await _enter(stack, lambda: PartitionTransactions(config))
         migration = await _enter(
             stack,
-            MigrationWorker(
+            lambda: MigrationWorker(
                 config,
                 control,
                 context.stats,
@@ -135,9 +137,12 @@ async def open_processor(
                 transactions=transactions,
             ),
         )
-        producer = await _enter(stack, OutputProducer(config.kafka))
+        producer = await _enter(stack, lambda: OutputProducer(config.kafka))
         consumer = await _enter(
-            stack, GroupConsumer(config.kafka, config.topics.atoms, group_id=config.kafka.group_id)
+            stack,
+            lambda: GroupConsumer(
+                config.kafka, config.topics.atoms, group_id=config.kafka.group_id
+            ),
         )
         inference = Inference(config.batching, context.stats, sensor)
         processor = WindowProcessor(config, context.models, producer, inference, context.stats)
@@ -194,9 +199,24 @@ async def record_fingerprints(
     return state
 
 
-async def _enter(stack: AsyncExitStack, resource: AbstractAsyncContextManager[T]) -> T:
-    """Enter `resource` on `stack`; its exit runs shielded from cancellation, bounded."""
-    entered = await resource.__aenter__()
+async def _enter(stack: AsyncExitStack, make: Callable[[], AbstractAsyncContextManager[T]]) -> T:
+    """Enter a fresh `make()` on `stack`; its exit runs shielded from cancellation, bounded.
+
+    Kafka answered the processor's first contact (`prepare_topics`), so a client that cannot
+    reach it now meets an outage, which start-up rides out like a running processor: the
+    half-started client is closed and a new one tried, with backoff, until Kafka is back.
+    """
+    backoff = OUTAGE_BACKOFF_SECS
+    while True:
+        resource = make()
+        try:
+            entered = await resource.__aenter__()
+            break
+        except BrokerUnavailable as exc:
+            await _close(resource, exc)
+            log.warning("start-up: %s; trying again in %.1fs", exc, backoff)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_OUTAGE_BACKOFF_SECS)
 
     async def close(*exc_info: object) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_SECS):
@@ -204,6 +224,15 @@ async def _enter(stack: AsyncExitStack, resource: AbstractAsyncContextManager[T]
 
     stack.push_async_exit(close)
     return entered
+
+
+async def _close(resource: AbstractAsyncContextManager[object], exc: BaseException) -> None:
+    """Close what a failed `__aenter__` may have started (its clients' tasks and sockets)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE_SECS):
+        try:
+            await resource.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as closing:  # a client that never started may not close cleanly
+            log.debug("start-up: closing a client that failed to start: %r", closing)
 
 
 def _target_only(state: RoutingState, model: str) -> bool:
