@@ -287,6 +287,7 @@ class MigrationWorker:
             control=self._control,
             handoffs=self.handoffs,
             stats=self._stats,
+            transactions=self._transactions,
         )
         self._chasing[partition] = chase
         return chase

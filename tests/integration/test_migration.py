@@ -205,12 +205,16 @@ async def assert_model_matches_atoms(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("eos", [False, True], ids=["at-least-once", "exactly-once"])
 async def test_no_dual_write_backfill_chases_the_live_head(
-    bootstrap: str, migration_config: Any
+    bootstrap: str, migration_config: Any, eos: bool
 ) -> None:
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms, partitions=PARTITIONS)
     config, _ = migration_config(atoms)
+    if eos:  # chase steps commit with their progress, in the partition's transaction
+        kafka = msgspec.structs.replace(config.kafka, exactly_once=True)
+        config = msgspec.structs.replace(config, kafka=kafka)
     history = History(seed=5)
     await produce(bootstrap, atoms, history.events(300, churn=0.3))
     async with processor(config) as running:
@@ -222,6 +226,10 @@ async def test_no_dual_write_backfill_chases_the_live_head(
         await produce(bootstrap, atoms, history.events(40, churn=0.5))
         await drained(bootstrap, running, atoms)
         await assert_model_matches_atoms(bootstrap, config, atoms, "tinyb")
+    if eos:
+        target = await read_all(bootstrap, config.topics.embeddings("tinyb"))
+        offsets = [dict(r.headers)["lattice.source-offset"] for r in target]
+        assert len(offsets) == len(set(offsets)), "exactly-once: each input once on the target"
 
 
 @pytest.mark.timeout(240)
