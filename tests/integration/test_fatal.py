@@ -14,7 +14,6 @@ aiokafka's admin client has no ACL calls; the test sends CreateAcls itself.
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
@@ -36,13 +35,13 @@ from stream.kafka.clients import connection_options
 from tests.integration.conftest import write_config
 from tests.integration.test_security import free_ports
 from tests.support.kafka import (
-    LOCAL_KAFKA,
     REPO,
     atom_value,
     collect,
     committed,
     create_topic,
     end_offsets,
+    local_kafka,
     produce,
     unique,
 )
@@ -201,24 +200,14 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclBroker]:
         f"listener.name.sasl_plaintext.{MECHANISM.lower()}.sasl.jaas.config="
         "org.apache.kafka.common.security.scram.ScramLoginModule required;",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "KAFKA_CONTROLLER_PORT"}
-    env.update(
+    with local_kafka(
         KAFKA_PORT=str(plain_port),
         KAFKA_DIR=str(root / "kafka"),
         KAFKA_EXTRA_LISTENERS=f"SASL_PLAINTEXT://127.0.0.1:{sasl_port}",
         KAFKA_EXTRA_PROPERTIES="\n".join(properties),
         KAFKA_FORMAT_ARGS=f"--add-scram {MECHANISM}=[name={USER},password={password}]",
-    )
-    try:
-        started = subprocess.run(
-            [str(LOCAL_KAFKA), "start"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert started.returncode == 0, (
-            f"local-kafka start failed:\n{started.stdout}{started.stderr}"
-        )
+    ):
         yield AclBroker(f"127.0.0.1:{plain_port}", f"127.0.0.1:{sasl_port}", password)
-    finally:
-        subprocess.run([str(LOCAL_KAFKA), "stop"], env=env, capture_output=True, timeout=120)
 
 
 def sasl_config(directory: Path, broker: AclBroker, tiny_model: Path, atoms: str) -> Path:

@@ -44,6 +44,8 @@ def processor_process(config_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # The tests' own knobs are no settings: the processor refuses unknown LATTICE_*.
+            env={k: v for k, v in os.environ.items() if not k.startswith("LATTICE_TEST_")},
         )
         try:
             yield child

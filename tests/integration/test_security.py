@@ -7,7 +7,6 @@ user is created when the data directory is formatted.
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from stream.config import Config, load_config
 from stream.kafka.clients import connection_options
 from tests.integration.conftest import write_config
-from tests.support.kafka import LOCAL_KAFKA, REPO, atom_value, collect, latest_by_key, unique
+from tests.support.kafka import REPO, atom_value, collect, latest_by_key, local_kafka, unique
 from tests.support.processor import processor
 from tests.support.tls import TlsFiles, make_tls_files
 
@@ -68,29 +67,19 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         "org.apache.kafka.common.security.scram.ScramLoginModule required;",
         *tls.broker_properties("sasl_ssl"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "KAFKA_CONTROLLER_PORT"}
-    env.update(
+    with local_kafka(
         KAFKA_PORT=str(plain_port),
         KAFKA_DIR=str(root / "kafka"),  # fresh: the SCRAM user is added when it is formatted
         KAFKA_EXTRA_LISTENERS=f"SASL_SSL://127.0.0.1:{sasl_port}",
         KAFKA_EXTRA_PROPERTIES="\n".join(properties),
         KAFKA_FORMAT_ARGS=f"--add-scram {MECHANISM}=[name={USER},password={password}]",
-    )
-    try:
-        started = subprocess.run(
-            [str(LOCAL_KAFKA), "start"], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert started.returncode == 0, (
-            f"local-kafka start failed:\n{started.stdout}{started.stderr}"
-        )
+    ):
         yield SecureBroker(
             bootstrap=f"127.0.0.1:{sasl_port}",
             plaintext=f"127.0.0.1:{plain_port}",
             password=password,
             tls=tls,
         )
-    finally:
-        subprocess.run([str(LOCAL_KAFKA), "stop"], env=env, capture_output=True, timeout=120)
 
 
 def write_secure_config(

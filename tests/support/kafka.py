@@ -8,7 +8,8 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,24 @@ class OwnBroker:
     async def stop(self) -> None:
         """Stop it; no process is left behind."""
         await self._local_kafka("stop")
+
+
+@contextmanager
+def local_kafka(**settings: str) -> Iterator[None]:
+    """A broker of a module's own for the block: `local-kafka` with these environment
+    settings (KAFKA_PORT, KAFKA_DIR, listeners, properties, format arguments); stopped after."""
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_CONTROLLER_PORT"}
+    env.update(settings)
+    try:
+        started = subprocess.run(
+            [str(LOCAL_KAFKA), "start"], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert started.returncode == 0, (
+            f"local-kafka start failed:\n{started.stdout}{started.stderr}"
+        )
+        yield
+    finally:
+        subprocess.run([str(LOCAL_KAFKA), "stop"], env=env, capture_output=True, timeout=120)
 
 
 def test_broker_env() -> dict[str, str]:
