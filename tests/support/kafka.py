@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -143,15 +144,21 @@ async def produce(
     try:
         await producer.start()  # inside: a start that fails (broker down) still closes it
         futures = []
-        for key, value in records:
-            futures.append(
-                await producer.send(
-                    topic, value=value, key=key, headers=headers, partition=partition
+        try:
+            for key, value in records:
+                futures.append(
+                    await producer.send(
+                        topic, value=value, key=key, headers=headers, partition=partition
+                    )
                 )
-            )
-            count += 1
-        for future in futures:
-            await future
+                count += 1
+        finally:
+            # Every acknowledgement is awaited, also after a failure: an unretrieved error
+            # (a burst refused in a broker restart) would fail the test at teardown.
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
     finally:
         await producer.stop()
     return count
