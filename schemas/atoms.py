@@ -73,9 +73,16 @@ def decode_atom(key: bytes | None, value: bytes | None, *, max_event_bytes: int)
         if " - at `$" not in message and message.startswith("Expected `object`"):
             got = message.rsplit("got ", 1)[-1].strip("`")
             raise InvalidAtom("decode", f"value is not a JSON object (got {got})") from exc
+        # The typed decoder stops at the first schema error; broken JSON after it is still
+        # a `decode` failure (contract section 5), so the syntax is checked on its own.
+        syntax = _syntax_error(value)
+        if syntax is not None:
+            raise InvalidAtom("decode", f"value is not valid JSON: {syntax}") from exc
         raise InvalidAtom("validate", message) from exc
     except msgspec.DecodeError as exc:
         raise InvalidAtom("decode", f"value is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # even in an ignored field: msgspec recurses per level
+        raise InvalidAtom("decode", f"value nests too deeply to decode: {exc}") from exc
     _check_atom_id(event.atom_id)
     if isinstance(event, AtomCreated) and not event.text.strip():
         raise InvalidAtom("validate", "text must contain at least one non-whitespace character")
@@ -86,6 +93,17 @@ def decode_atom(key: bytes | None, value: bytes | None, *, max_event_bytes: int)
                 "validate", f"record key {key_id!r} differs from atom_id {event.atom_id!r}"
             )
     return event
+
+
+def _syntax_error(value: bytes) -> str | None:
+    """Why `value` is not JSON at all, or None when it is."""
+    try:
+        msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        return str(exc)
+    except RecursionError as exc:
+        return str(exc)
+    return None
 
 
 def _decode_key(key: bytes) -> str:

@@ -269,10 +269,16 @@ class ControlPlane:
         """One record applied: malformed or (with signatures required) untrusted records
         are rejections that change nothing else."""
         at = record_time(message.timestamp_ms or 0)
+        value = message.value or b""
         try:
-            event = _decoder.decode(message.value or b"")
+            value.decode("utf-8")  # msgspec skips unknown fields without checking them
+            event = _decoder.decode(value)
+        except UnicodeDecodeError as exc:
+            return reject_malformed(state, message.offset, at, f"not UTF-8 (byte {exc.start})")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return reject_malformed(state, message.offset, at, str(exc))
+        except RecursionError as exc:  # deep nesting, even in an ignored field
+            return reject_malformed(state, message.offset, at, f"nests too deeply: {exc}")
         untrusted = self._trust.check(
             message.offset,
             message.key,
@@ -300,7 +306,7 @@ class ControlPlane:
         for record in records:
             try:
                 snapshots.append(_snapshot_decoder.decode(record.value or b""))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 log.warning("routing snapshot at offset %d ignored: %s", record.offset, exc)
         snapshot, skipped = latest_usable(
             snapshots, self._basis, control_topic=self._config.topics.control, end_offset=end

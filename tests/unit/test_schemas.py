@@ -269,6 +269,19 @@ def test_null_value_under_a_key_is_a_delete_and_null_key_is_accepted() -> None:
             "validate",
             "atom_id is 514 bytes, over the limit of 512 bytes",
         ),
+        (  # a schema error before the break: not JSON all the same (contract section 5)
+            None,
+            b'{"type":"atom.created","atom_id":5,"te',
+            "decode",
+            "value is not valid JSON: Input data was truncated",
+        ),
+        (  # past the recursion limit, in a field the decoder ignores
+            None,
+            b'{"type":"atom.deleted","atom_id":"a","zz":' + b"[" * 1500 + b"]" * 1500 + b"}",
+            "decode",
+            "value nests too deeply to decode: maximum recursion depth exceeded while "
+            "deserializing an object",
+        ),
     ],
 )
 def test_invalid_atoms_have_stage_and_exact_message(
