@@ -116,6 +116,12 @@ class MigrationWorker:
             if self._key is not None and self._store is not None:
                 self._store.release(self._key[0], self._key[1], partition)
 
+    def retain(self, assigned: Iterable[int]) -> None:
+        """A new assignment: forget every partition outside it (one it still held)."""
+        kept = set(assigned)
+        held = set(self._partitions) | set(self._chasing)
+        self.forget(sorted(held - kept))
+
     async def before_window(
         self, state: RoutingState, consumer: GroupConsumer, records: Sequence[SourceRecord]
     ) -> RoutingState:

@@ -119,11 +119,11 @@ class LiveConsumer:
                 )
             generation = await self.rebalance.settled()
             records = await self._fetch_window(stop, window_atoms, wait=not pending)
-            if self._transactions is not None and self.rebalance.generation != generation:
-                # Exactly-once: a rebalance ran during the fetch and repositioned its
-                # partitions at their committed offsets; these records may predate that.
-                # Drop them and read again from what is committed now (nothing is lost:
-                # none of them was processed).
+            if self.rebalance.generation != generation:
+                # A rebalance ran during the fetch: some records may belong to partitions
+                # now owned elsewhere (their new owner writes newer versions meanwhile), and
+                # the rest may predate the committed offsets it repositioned to. Drop them
+                # and read again from what is committed now (none of them was processed).
                 await self._consumer.seek_to_committed(self._consumer.assignment())
                 continue
             fetched_nothing = pending and not records
@@ -271,8 +271,14 @@ class LiveConsumer:
             )
 
     async def _backfill_step(self, budget_secs: float) -> None:
-        """One bounded backfill step; it counts as in flight for a rebalance like a window."""
+        """One bounded backfill step; it counts as in flight for a rebalance like a window.
+
+        Never between a revocation and the next assignment: the client still reports the
+        revoked partitions as assigned then, and a step on one of them would write backfill
+        beside its new owner's live writes (an older version last in the log).
+        """
         began = time.perf_counter()
+        generation = await self.rebalance.settled()
         try:
             # Outside the window: a rejoin that this refusal starts must not wait for it.
             # (Exactly-once needs no such check: a zombie's producer is fenced instead.)
@@ -283,6 +289,8 @@ class LiveConsumer:
             await anyio.sleep(self._backoff)  # the rejoin runs meanwhile (in the client)
             return
         with self.rebalance.window():
+            if self.rebalance.generation != generation:
+                return  # a rebalance started meanwhile: the next turn looks again
             state = await self._control.sync()
             try:
                 await self._migration.step(state, self._consumer, self._processor, budget_secs)

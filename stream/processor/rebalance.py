@@ -79,6 +79,7 @@ class Rebalance:
     async def on_assigned(self, partitions: Sequence[int]) -> None:
         """Log the new assignment and tell the sensor."""
         log.info("assigned partitions: %s", partitions)
+        self._migration.retain(partitions)  # state of anything else is its new owner's
         if self._transactions is not None and self._consumer is not None:
             # Fence the previous owners and wait until their transactions are complete; an
             # offset fetched before that can be one window old (a pending transactional

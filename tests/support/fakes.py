@@ -168,9 +168,8 @@ class FakeGroupConsumer:
             self.positions[partition] = offset
 
     async def seek_to_committed(self, partitions: Sequence[int]) -> None:
-        for partition in partitions:
-            if partition in self.committed:
-                self.positions[partition] = self.committed[partition]
+        for partition in partitions:  # nothing committed: the beginning, as the real one
+            self.positions[partition] = self.committed.get(partition, 0)
 
     def assignment(self) -> list[int]:
         return list(self.assigned)

@@ -74,6 +74,7 @@ async def test_a_replay_under_live_updates_never_lands_an_old_version_last(
     history_ends = {p: len(records) for p, records in enumerate(log.partitions)}
     consumer = FakeGroupConsumer(log, [0, 1])
     consumer.positions = dict(history_ends)  # the history went through the live path before
+    consumer.committed = dict(history_ends)
     producer = FakeProducer()
     heard = Heard()
     stats = ProcessorStats()
