@@ -157,7 +157,11 @@ class ControlPlane:
             if self._ride_outages:
                 tasks.start_soon(self._watch_broker)
             while True:
-                await self._ride("tail", lambda: self._fetch_and_apply(timeout_ms=TAIL_FETCH_MS))
+                await self._ride(
+                    "tail",
+                    lambda: self._fetch_and_apply(timeout_ms=TAIL_FETCH_MS),
+                    proves_reachable=False,
+                )
 
     async def sync(self) -> RoutingState:
         """The state after every control record appended before this call was applied."""
@@ -198,8 +202,15 @@ class ControlPlane:
             await self._ride("end offset", self._log.end_offset)
             await anyio.sleep(BROKER_CHECK_SECS)
 
-    async def _ride(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, retried with backoff while Kafka is unreachable (if riding outages)."""
+    async def _ride(
+        self, what: str, call: Callable[[], Awaitable[T]], *, proves_reachable: bool = True
+    ) -> T:
+        """`call()`, retried with backoff while Kafka is unreachable (if riding outages).
+
+        `proves_reachable=False` for the tail's fetch: the client answers an empty fetch
+        while the broker is down, so its success says nothing, and readiness would flap
+        between the probe's failures (seen as /readyz 503 for moments only in an outage).
+        """
         backoff = OUTAGE_BACKOFF_SECS
         while True:
             try:
@@ -216,7 +227,7 @@ class ControlPlane:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_OUTAGE_BACKOFF_SECS)
                 continue
-            if self._down_since is not None:
+            if proves_reachable and self._down_since is not None:
                 log.info(
                     "control plane: Kafka reachable again after %.0fs",
                     time.monotonic() - self._down_since,

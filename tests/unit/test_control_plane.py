@@ -22,8 +22,9 @@ from stream.config import Config, ModelConfig
 from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState, apply, initial_state
 from stream.core.snapshot import FoldBasis, FoldPoint, snapshot_of
-from stream.errors import NotAuthorized
+from stream.errors import BrokerUnavailable, NotAuthorized
 from stream.processor.control import ROUTING_KEY, ControlPlane, record_time
+from stream.processor.sensors import Sensor
 from tests.support.fakes import FakeControlLog
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -279,3 +280,67 @@ async def test_only_a_processor_closes_a_rollback_window_that_is_due() -> None:
     closed = msgspec.json.decode(log.records[3].value or b"", type=ControlEvent)
     assert isinstance(closed, WindowClosed) and closed.migration_id == "m1"
     assert state.status().phase == "stable" and state.status().write_models == ["b"]
+
+
+class UnreachableLog(FakeControlLog):
+    """A control log whose broker can go away: then end offsets fail, as aiokafka's do,
+    while a fetch still answers with no records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.fetches_while_down = 0
+        self._fetched = anyio.Event()
+
+    async def fetch(self, *, timeout_ms: int, max_records: int = 500) -> list[SourceRecord]:
+        records = await super().fetch(timeout_ms=timeout_ms, max_records=max_records)
+        if self.down:
+            self.fetches_while_down += 1
+            fetched, self._fetched = self._fetched, anyio.Event()
+            fetched.set()
+        return records
+
+    async def end_offset(self) -> int:
+        if self.down:
+            raise BrokerUnavailable("control plane: no answer from Kafka")
+        return await super().end_offset()
+
+    async def fetched_while_down(self, count: int) -> None:
+        while self.fetches_while_down < count:
+            await self._fetched.wait()
+
+
+class BrokerSensor(Sensor):
+    """Records what the control plane says of the broker's reachability."""
+
+    def __init__(self) -> None:
+        self.said: list[bool] = []
+        self._heard = anyio.Event()
+
+    def on_broker(self, reachable: bool) -> None:
+        self.said.append(reachable)
+        heard, self._heard = self._heard, anyio.Event()
+        heard.set()
+
+    async def heard(self, count: int) -> None:
+        while len(self.said) < count:
+            await self._heard.wait()
+
+
+async def test_an_empty_fetch_in_an_outage_does_not_make_the_broker_reachable_again() -> None:
+    log = UnreachableLog()
+    sensor = BrokerSensor()
+    async with ControlPlane(CONFIG, publish_status=True, sensor=sensor, log=log) as processor:  # type: ignore[arg-type]
+        await processor.replay()
+        log.down = True
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(processor.tail)  # its probe asks for the end offset at once
+            with anyio.fail_after(10):
+                await sensor.heard(1)
+                await log.fetched_while_down(5)
+            assert sensor.said == [False] and not processor.broker_reachable
+            log.down = False
+            with anyio.fail_after(20):  # the probe's backoff reaches 10 s at most
+                await sensor.heard(2)
+            tasks.cancel_scope.cancel()
+    assert sensor.said == [False, True] and processor.broker_reachable
