@@ -58,6 +58,12 @@ class ModelPool:
         if recorded is not None and recorded != fingerprint:
             raise FingerprintMismatch(name, fingerprint, recorded)
 
+    async def adopt(self, embedder: Embedder) -> None:
+        """Serve `embedder` under its name from now on, fingerprinted as the configured
+        model of that name (the bench's synthetic zero-cost model)."""
+        embedder.fingerprint = await self.fingerprint(embedder.name)
+        self._loaded[embedder.name] = embedder
+
     async def get(self, name: str) -> Embedder:
         """The embedder for `name`, loading it (off the event loop) if needed.
 

@@ -15,6 +15,7 @@ from stream.config import load_config
 from stream.errors import ConfigError, LatticeError
 from stream.ops import commands
 from stream.ops.logs import setup_logging
+from stream.ops.workers import default_workers, run_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(value: str) -> int | str:
+    """`--workers`: a positive count, or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {value!r}")
+    return count
+
+
 def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     """`lattice-embed run`."""
     run = commands.add_parser(
@@ -58,6 +72,15 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
         help="all (default; backfill is an alias): every instance runs the live path and the "
         "backfill of the partitions it owns (the live owner backfills, so per-key order is "
         "exact and a migration completes whatever instances run)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        metavar="N",
+        help="processes of one consumer group on this machine, each with its own clients and "
+        "model replica, sharing the device (default auto: 1 on a CPU, one per two cores up "
+        "to 4 on a GPU); SIGTERM drains them all; worker i serves metrics on port + i",
     )
 
 
@@ -283,6 +306,17 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--eos-atoms", type=int, default=2048, help="atoms per --exactly-once run (2,048)"
     )
+    bench.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also measure the pipeline apart from the model on a mixed backlog "
+        "(--pipeline-atoms): a bare aiokafka copy loop, the processor with a synthetic "
+        "zero-cost model (tokenized, no forward pass) and with the model, runs alternating, "
+        "with where each atom's time goes, stage by stage",
+    )
+    bench.add_argument(
+        "--pipeline-atoms", type=int, default=4096, help="atoms per --pipeline run (4,096)"
+    )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")
     bench.add_argument(
@@ -314,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         setup_logging(config, quiet=args.command not in ("run", "serve", "sink"))
         if args.command == "run":
+            workers = default_workers(config) if args.workers == "auto" else args.workers
+            if workers > 1:
+                return run_workers(config, workers=workers, role=args.role, config_path=args.config)
             from stream.processor.app import run_processor
 
             anyio.run(lambda: run_processor(config, role=args.role))

@@ -67,6 +67,7 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 if args.control_log
                 else None,
                 exactly_once_atoms=args.eos_atoms if args.exactly_once else None,
+                pipeline_atoms=args.pipeline_atoms if args.pipeline else None,
             )
         )
     finally:

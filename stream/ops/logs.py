@@ -12,7 +12,7 @@ from stream.config import Config
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (and the exception, if any)."""
+    """One JSON object per line: ts, level, logger, pid, message (and the exception, if any)."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render one record."""
@@ -20,6 +20,7 @@ class JsonLines(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,  # which worker, under `run --workers N`
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -34,7 +35,9 @@ def setup_logging(config: Config, *, quiet: bool) -> None:
     if config.runtime.log_format == "json":
         handler.setFormatter(JsonLines())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
     logging.basicConfig(level=max(level, logging.WARNING) if quiet else level, handlers=[handler])
     # aiokafka logs transient errors it retries itself; a one-shot command reports real
     # failures as one line from the exception instead.

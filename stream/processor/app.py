@@ -20,6 +20,7 @@ from stream.processor.context import ProcessorContext, open_processor
 from stream.processor.control import ControlPlane
 from stream.processor.metrics import Metrics
 from stream.processor.sensors import ProcessorStats, Sensor
+from stream.processor.stages import StageClock
 from stream.processor.topics import prepare_topics
 from stream.processor.topicwatch import watch_topics
 
@@ -33,17 +34,20 @@ async def run_processor(
     stop: anyio.Event | None = None,
     sensor: Sensor | None = None,
     models: ModelPool | None = None,
+    stages: StageClock | None = None,
 ) -> ProcessorStats:
     """Run the processor until `stop` is set (or SIGTERM/SIGINT), then drain and return.
 
     Start-up order matters: topics, then the whole control log replayed, then the models
     the routing needs, and only then the first atom. `sensor` hears every event, including
-    the metrics endpoint's bound port (`on_listening`).
+    the metrics endpoint's bound port (`on_listening`). `stages` (the bench) times each
+    stage of the pipeline.
     """
     stop = stop or anyio.Event()
     stable = config.routing.stable_model
     await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
     context = ProcessorContext(config, models or ModelPool(config))
+    context.stats.stages = stages
     metrics = Metrics(context) if config.metrics.enabled else None
     context.sensors.extend(s for s in (metrics, sensor) if s is not None)
     # First contact with Kafka before anything else starts: a bad broker address or bad

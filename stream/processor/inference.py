@@ -19,6 +19,7 @@ from stream.config import BatchingConfig
 from stream.core.batching import plan_micro_batches
 from stream.embed.embedder import Embedder, Tokenized, Vectors
 from stream.processor.sensors import ProcessorStats, Sensor
+from stream.processor.stages import cpu, wall
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ class Inference:
 
     async def tokenize(self, embedder: Embedder, texts: Sequence[str]) -> Tokenized:
         """Token ids of `texts` with the document prefix, cut to the model's window."""
-        return await anyio.to_thread.run_sync(
-            lambda: embedder.tokenize(texts), limiter=self._limiter
-        )
+
+        def tokenize() -> Tokenized:
+            with cpu(self._stats.stages, "tokenize"):
+                return embedder.tokenize(texts)
+
+        return await anyio.to_thread.run_sync(tokenize, limiter=self._limiter)
 
     def plan(self, tokens: Tokenized) -> list[list[int]]:
         """Length-bucketed micro-batches of text indices (planned once per window and model)."""
@@ -79,10 +83,12 @@ class Inference:
         return result
 
     async def _run(self, embedder: Embedder, input_ids: list[list[int]]) -> Vectors:
+        def forward() -> Vectors:
+            with wall(self._stats.stages, "device"):
+                return embedder.embed_batch(input_ids)
+
         began = time.perf_counter()
-        vectors = await anyio.to_thread.run_sync(
-            embedder.embed_batch, input_ids, limiter=self._limiter
-        )
+        vectors = await anyio.to_thread.run_sync(forward, limiter=self._limiter)
         seconds = time.perf_counter() - began
         self._stats.embed_seconds[embedder.name] += seconds
         self._sensor.on_batch(embedder.name, len(input_ids), seconds)

@@ -36,6 +36,7 @@ from stream.processor.commits import Offsets
 from stream.processor.control import ControlPlane
 from stream.processor.rebalance import Rebalance
 from stream.processor.sensors import Sensor
+from stream.processor.stages import cpu, wall
 from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import RetryWindow, WindowProcessor
 
@@ -171,9 +172,11 @@ class LiveConsumer:
             return
         self._backoff = INITIAL_BACKOFF_SECS
         if self._transactions is None:
-            await self.offsets.commit(records)
+            with wall(self._processor.stats.stages, "commit"):
+                await self.offsets.commit(records)
         else:
-            await self._commit_transactions(records)
+            with wall(self._processor.stats.stages, "commit"):
+                await self._commit_transactions(records)
         await self._migration.after_window(state, records)
         seconds = time.perf_counter() - began
         self._sensor.on_window(seconds)
@@ -312,11 +315,11 @@ class LiveConsumer:
             else:  # past the deadline: only what is already buffered (timeout 0)
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             before = len(records)
-            records.extend(
-                await self._consumer.fetch(
+            with cpu(self._processor.stats.stages, "fetch"):  # from the buffer: no wait
+                fetched = await self._consumer.fetch(
                     timeout_ms=timeout_ms, max_records=window_atoms - len(records)
                 )
-            )
+            records.extend(fetched)
             if records and deadline is None:
                 now = time.monotonic()
                 deadline = window_deadline(

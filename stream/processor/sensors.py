@@ -11,6 +11,8 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from stream.processor.stages import StageClock
+
 
 class Sensor:
     """Events of a running processor; every method is a no-op unless overridden.
@@ -80,3 +82,4 @@ class ProcessorStats:
     truncated: Counter[str] = field(default_factory=Counter)
     embed_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     backfilled_events: int = 0
+    stages: StageClock | None = None  # the bench's per-stage clocks; None (off) otherwise

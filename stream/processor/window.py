@@ -37,6 +37,7 @@ from stream.errors import OverlongInput, RecordRejected, SendFailed, TargetFaili
 from stream.kafka.producer import Ack, OutputProducer
 from stream.processor.inference import Inference
 from stream.processor.sensors import ProcessorStats
+from stream.processor.stages import cpu
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class Window:
         limit = self._config.limits.max_event_bytes
         for position, record in enumerate(self.records):
             try:
-                self.events[position] = decode_atom(record.key, record.value, max_event_bytes=limit)
+                with cpu(self._stats.stages, "decode"):
+                    event = decode_atom(record.key, record.value, max_event_bytes=limit)
+                self.events[position] = event
             except InvalidAtom as exc:
                 if self.path == "backfill":
                     self.dead.add(position)
@@ -174,20 +177,21 @@ class Window:
         if isinstance(event, AtomCreated):
             if vector is None:
                 raise AssertionError(f"no vector for window position {position}")
-            output = embedding_output(
-                atom_id=event.atom_id,
-                model=model,
-                vector=vector,
-                normalized=embedder.config.normalize,
-                source=source,
-                path=self.path,
-                migration_id=self.migration_id,
-                embedded_at=datetime.now(UTC),
-                fingerprint=embedder.fingerprint,
-                metadata=event.metadata,
-                created_at=event.created_at,
-                encoding=self._config.output.encoding,
-            )
+            with cpu(self._stats.stages, "encode"):
+                output = embedding_output(
+                    atom_id=event.atom_id,
+                    model=model,
+                    vector=vector,
+                    normalized=embedder.config.normalize,
+                    source=source,
+                    path=self.path,
+                    migration_id=self.migration_id,
+                    embedded_at=datetime.now(UTC),
+                    fingerprint=embedder.fingerprint,
+                    metadata=event.metadata,
+                    created_at=event.created_at,
+                    encoding=self._config.output.encoding,
+                )
             self._stats.outputs[model, self.path] += 1
         else:
             output = tombstone_output(
@@ -196,7 +200,8 @@ class Window:
             self._stats.tombstones[model] += 1
         try:
             producer = self._producer_for(record.partition)
-            ack = await producer.send(self._config.topics.embeddings(model), output)
+            with cpu(self._stats.stages, "produce"):
+                ack = await producer.send(self._config.topics.embeddings(model), output)
         except RecordRejected as exc:
             error_class = type(exc.__cause__).__name__
             await self.dead_letter(position, "produce", error_class, str(exc), model=model)

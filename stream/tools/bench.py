@@ -34,6 +34,7 @@ from stream.kafka.reader import PartitionReader
 from stream.ops.operator import send_command
 from stream.processor.app import run_processor
 from stream.processor.sensors import Sensor
+from stream.processor.stages import StageClock
 from stream.processor.topics import prepare_topics
 from stream.tools.benchreport import Rate, WorkloadResult, median, write_report
 from stream.tools.workloads import workload_texts
@@ -100,12 +101,15 @@ class CommitWatch(Sensor):
         self.done = anyio.Event()
         self.assigned = anyio.Event()
         self.assigned_at = time.perf_counter()
+        self.loop_cpu_at = time.thread_time()
+        self.loop_cpu_seconds = 0.0  # the event loop's CPU time from assignment to `goal`
         self._committed = anyio.Event()
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         """Track the highest committed offset."""
         self.committed = max(self.committed, max(offsets.values()))
-        if self.committed >= self.goal:
+        if self.committed >= self.goal and not self.done.is_set():
+            self.loop_cpu_seconds = time.thread_time() - self.loop_cpu_at  # on the loop thread
             self.done.set()
         self._committed.set()
         self._committed = anyio.Event()
@@ -119,6 +123,7 @@ class CommitWatch(Sensor):
         """Throughput counts from the moment the processor owns the partitions: start-up
         (topic checks, control replay, group join) is not part of it."""
         self.assigned_at = time.perf_counter()
+        self.loop_cpu_at = time.thread_time()
         self.assigned.set()
 
 
@@ -136,8 +141,13 @@ async def end_to_end(
     *,
     second_model: str | None = None,
     rate: float | None = None,
+    stages: StageClock | None = None,
+    watch: CommitWatch | None = None,
 ) -> tuple[Rate, list[float]]:
-    """Processor throughput from a backlog (rate None) or latencies at an offered load."""
+    """Processor throughput from a backlog (rate None) or latencies at an offered load.
+
+    `stages` times each stage of the pipeline; `watch` (for `goal` = the atoms) also gives
+    the event loop's CPU time over the run."""
     config = fresh_run(config, "e2e")
     async with Admin(config.kafka) as admin:
         await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1)])
@@ -152,7 +162,7 @@ async def end_to_end(
         await send_command(config, command)
     if rate is None:
         await produce_texts(config, texts)
-    watch = CommitWatch(len(texts))
+    watch = watch or CommitWatch(len(texts))
     stop = anyio.Event()
 
     async def produce_at_rate() -> None:
@@ -162,7 +172,9 @@ async def end_to_end(
         await produce_texts(config, texts, rate=rate)
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_processor(config, stop=stop, models=pool, sensor=watch))
+        tasks.start_soon(
+            lambda: run_processor(config, stop=stop, models=pool, sensor=watch, stages=stages)
+        )
         if rate is not None:
             tasks.start_soon(produce_at_rate)
         await watch.done.wait()
@@ -306,6 +318,7 @@ async def run_bench(
     serve_secs: float = 20.0,
     control_log: tuple[int, float] | None = None,
     exactly_once_atoms: int | None = None,
+    pipeline_atoms: int | None = None,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report.
 
@@ -360,6 +373,10 @@ async def run_bench(
         report["exactly_once"] = await exactly_once_ratio(
             config, pool, atoms=exactly_once_atoms, runs=runs
         )
+    if pipeline_atoms is not None:
+        from stream.tools.benchpipeline import pipeline_ceiling
+
+        report["pipeline"] = await pipeline_ceiling(config, pool, atoms=pipeline_atoms, runs=runs)
     if backfill_target is not None:
         from stream.tools.benchmigration import backfill_latency
 

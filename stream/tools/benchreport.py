@@ -179,6 +179,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if "control_log" in report:
         lines += control_log_lines(report["control_log"])
+    if "pipeline" in report:
+        from stream.tools.benchpipeline import pipeline_lines
+
+        lines += pipeline_lines(report["pipeline"])
     if "serve" in report:
         from stream.serve.bench import format_serve_table
 

@@ -43,6 +43,9 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
             "20",
             "--memory",
             "300",
+            "--pipeline",
+            "--pipeline-atoms",
+            "64",
             "--out",
             str(out),
         ],
@@ -68,8 +71,21 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
     memory = report["memory"]
     assert memory["atoms"] == 300 and memory["peak_rss_mib"] >= memory["baseline_rss_mib"] > 0
     assert memory["model_mib"] > 0
+    pipeline = report["pipeline"]
+    assert len(pipeline["runs"]["copy_loop"]) == len(pipeline["runs"]["zero_cost"]) == 2
+    assert pipeline["ratio_zero_cost_vs_copy_loop"] == pytest.approx(
+        pipeline["zero_cost_atoms_per_sec"] / pipeline["copy_loop_atoms_per_sec"]
+    )
+    for name, stages in pipeline["stages_us_per_atom"].items():
+        timed = ("fetch", "decode", "tokenize", "device", "encode", "produce", "commit")
+        assert all(stages[s] > 0 for s in timed), (name, stages)
+        assert stages["loop_total"] >= stages["loop_rest"] >= 0
+        assert stages["wall"] > stages["device"], "the device is one part of an atom's time"
+    model, zero = (pipeline["stages_us_per_atom"][k]["device"] for k in ("model", "zero_cost"))
+    assert zero < model, "the zero-cost model skips the forward pass"
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "e2e/model" in done.stdout.decode()
+    stdout = done.stdout.decode()
+    assert "e2e/model" in stdout and "bare copy loop" in stdout
 
 
 @pytest.mark.timeout(180)

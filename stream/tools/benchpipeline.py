@@ -1,0 +1,170 @@
+"""`bench --pipeline`: the pipeline's own ceiling, apart from the model (issue 12).
+
+Three measurements on the same mixed backlog, alternating, medians of the runs:
+- a bare aiokafka copy loop: consume, decode the JSON, produce a record of the size of an
+  EmbeddingRecord, commit per window; the client's ceiling in Python on this machine;
+- the processor end to end with a synthetic zero-cost model (`ZeroCostEmbedder`: tokenized
+  and batched as usual, the forward pass replaced by a table lookup), which is the regime a
+  GPU puts the pipeline in;
+- the processor end to end with the real model.
+The last zero-cost and model runs also report where the time went, per atom and stage
+(`stream.processor.stages`): CPU time on the event loop (fetch, decode, encode, produce,
+and the loop's remainder: aiokafka's background tasks and asyncio), CPU time of
+tokenization, and the wall time of the device and of commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import numpy as np
+
+from schemas.embeddings import SourceRef
+from stream.config import Config
+from stream.core.output import embedding_output
+from stream.embed.embedder import Embedder, Vectors
+from stream.embed.pool import ModelPool
+from stream.kafka.admin import Admin, TopicSpec
+from stream.kafka.copyloop import copy_partition
+from stream.processor.stages import LOOP_STAGES, STAGES, StageClock
+from stream.tools.bench import CommitWatch, end_to_end, fresh_run, produce_texts
+from stream.tools.benchreport import Rate, median
+from stream.tools.workloads import workload_texts
+
+TABLE_ROWS = 1024  # distinct synthetic vectors
+
+
+class ZeroCostEmbedder(Embedder):
+    """Bench only: the configured model's tokenizer and batching, no forward pass. Each
+    row's vector is a fixed unit vector picked by a checksum of its token ids, so equal
+    texts get equal vectors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        table = np.random.default_rng(0).standard_normal((TABLE_ROWS, self.dim))
+        self._table = (table / np.linalg.norm(table, axis=1, keepdims=True)).astype(np.float32)
+
+    def _forward(self, ids: Any, mask: Any) -> Vectors:
+        keys = (ids * mask).sum(dim=1).numpy() % TABLE_ROWS
+        rows: Vectors = self._table[keys]
+        return rows
+
+
+async def zero_cost_pool(config: Config, real: Embedder) -> ModelPool:
+    """A pool whose stable model is `real`'s zero-cost twin (same name and fingerprint)."""
+    pool = ModelPool(config)
+    twin = await anyio.to_thread.run_sync(
+        lambda: ZeroCostEmbedder(
+            real.name,
+            real.config,
+            device=real.device,
+            micro_batch_atoms=real.micro_batch_atoms,
+            max_batch_tokens=real.max_batch_tokens,
+        )
+    )
+    await pool.adopt(twin)
+    return pool
+
+
+def output_sample(config: Config, embedder: Embedder) -> bytes:
+    """An EmbeddingRecord value as the processor writes it for this model."""
+    record = embedding_output(
+        atom_id="b-123456",
+        model=embedder.name,
+        vector=np.full(embedder.dim, 0.0123456, dtype=np.float32),
+        normalized=True,
+        source=SourceRef(topic=config.topics.atoms, partition=0, offset=123456),
+        path="live",
+        migration_id=None,
+        embedded_at=datetime.now(UTC),
+        fingerprint=embedder.fingerprint,
+        metadata=None,
+        created_at=None,
+        encoding=config.output.encoding,
+    )
+    return record.value or b""
+
+
+async def copy_loop(config: Config, texts: Sequence[str], value: bytes) -> Rate:
+    """The bare copy loop (`stream.kafka.copyloop`) over a fresh backlog of `texts`."""
+    config = fresh_run(config, "copy")
+    output = config.topics.embeddings("copy")
+    async with Admin(config.kafka) as admin:
+        await admin.ensure_topics([TopicSpec(config.topics.atoms, 1, 1), TopicSpec(output, 1, 1)])
+    await produce_texts(config, texts)
+    seconds = await copy_partition(
+        config.kafka,
+        config.topics.atoms,
+        output,
+        value,
+        count=len(texts),
+        window=config.batching.window_atoms,
+    )
+    return Rate(len(texts), seconds)
+
+
+async def staged_run(
+    config: Config, pool: ModelPool, texts: Sequence[str]
+) -> tuple[Rate, dict[str, float]]:
+    """One end-to-end backlog run with the stage clocks on: the rate, and microseconds per
+    atom by stage (`loop_rest`: the loop's CPU outside the timed loop stages)."""
+    stages = StageClock()
+    watch = CommitWatch(len(texts))
+    rate, _ = await end_to_end(config, pool, texts, stages=stages, watch=watch)
+    table = stages.per_atom_us(len(texts))
+    loop_us = 1e6 * watch.loop_cpu_seconds / len(texts)
+    table["loop_rest"] = max(0.0, loop_us - sum(table[s] for s in LOOP_STAGES))
+    table["loop_total"] = loop_us
+    table["wall"] = 1e6 * rate.seconds / len(texts)
+    return rate, table
+
+
+async def pipeline_ceiling(
+    config: Config, pool: ModelPool, *, atoms: int, runs: int
+) -> dict[str, Any]:
+    """The copy loop, zero-cost end to end and model end to end, alternating `runs` times."""
+    model = config.routing.stable_model
+    real = await pool.get(model)
+    zero = await zero_cost_pool(config, real)
+    texts = workload_texts("mixed", atoms)
+    value = output_sample(config, real)
+    copy: list[float] = []
+    zero_rates: list[float] = []
+    model_rates: list[float] = []
+    tables: dict[str, dict[str, float]] = {}
+    await staged_run(config, zero, texts[: max(64, atoms // 8)])  # warm-up
+    for _ in range(runs):
+        copy.append((await copy_loop(config, texts, value)).atoms_per_sec)
+        rate, tables["zero_cost"] = await staged_run(config, zero, texts)
+        zero_rates.append(rate.atoms_per_sec)
+        rate, tables["model"] = await staged_run(config, pool, texts)
+        model_rates.append(rate.atoms_per_sec)
+    return {
+        "workload": "mixed",
+        "atoms": atoms,
+        "output_bytes": len(value),
+        "copy_loop_atoms_per_sec": median(copy),
+        "zero_cost_atoms_per_sec": median(zero_rates),
+        "model_atoms_per_sec": median(model_rates),
+        "ratio_zero_cost_vs_copy_loop": median(zero_rates) / median(copy) if copy else 0.0,
+        "runs": {"copy_loop": copy, "zero_cost": zero_rates, "model": model_rates},
+        "stages_us_per_atom": tables,
+    }
+
+
+def pipeline_lines(p: dict[str, Any]) -> list[str]:
+    """The `--pipeline` measurement as table lines."""
+    lines = [
+        f"pipeline ({p['workload']}, {p['atoms']} atoms, outputs of {p['output_bytes']} B): "
+        f"bare copy loop {p['copy_loop_atoms_per_sec']:.0f} atoms/s, zero-cost model end to "
+        f"end {p['zero_cost_atoms_per_sec']:.0f} ({p['ratio_zero_cost_vs_copy_loop']:.2f}x the "
+        f"copy loop), model end to end {p['model_atoms_per_sec']:.0f}",
+        "per atom, us: " + " ".join(f"{s:>9}" for s in (*STAGES, "loop_rest", "wall")),
+    ]
+    for name, table in p["stages_us_per_atom"].items():
+        cells = " ".join(f"{table.get(s, 0.0):9.1f}" for s in (*STAGES, "loop_rest", "wall"))
+        lines.append(f"{name:>12}: {cells}")
+    return lines
