@@ -91,7 +91,7 @@ class Supervisor:
         self._count = workers
         self._workers: dict[int, _Worker] = {}  # by pid
         self._stopping = False
-        self._stop_signal = signal.SIGTERM
+        self._stop_signal: int = signal.SIGTERM
         self._status = 0
 
     def run(self) -> int:
