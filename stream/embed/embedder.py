@@ -32,14 +32,6 @@ Vectors = npt.NDArray[np.float32]
 # demo), so loads are serialized here.
 _LOAD_LOCK = threading.Lock()
 
-# Token ids only: masks are built per micro-batch, token types are all zero.
-_IDS_ONLY: dict[str, Any] = {
-    "truncation": True,
-    "add_special_tokens": True,
-    "return_attention_mask": False,
-    "return_token_type_ids": False,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class Tokenized:
@@ -92,6 +84,12 @@ class Embedder:
         self._lock = threading.Lock()
         with _LOAD_LOCK:
             self._tokenizer, self._model = _load(name, config, device, dtype, compile)
+        # Tokenization goes straight to the Rust tokenizer (`tokenizers`), skipping the
+        # per-text conversions of transformers' wrapper: two copies of it, truncating at
+        # `max_tokens + 1` (to tell overlong texts) and at `max_tokens` (to cut them), the
+        # settings transformers would apply for `max_length` with `truncation=True`.
+        self._probe = _backend(self._tokenizer, config.max_tokens + 1)
+        self._cut = _backend(self._tokenizer, config.max_tokens)
         self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
         self.dim = int(self._model.config.hidden_size)
         self.pad_id = int(self._tokenizer.pad_token_id or 0)
@@ -108,15 +106,15 @@ class Embedder:
         limit = self.config.max_tokens
         prefixed = [prefix + text for text in texts] if prefix else list(texts)
         with self._lock:
-            probe = self._tokenizer(prefixed, max_length=limit + 1, **_IDS_ONLY)["input_ids"]
+            probe = _ids(self._probe, prefixed)
             overlong = [len(ids) > limit for ids in probe]
             long_texts = [text for text, long in zip(prefixed, overlong, strict=True) if long]
             if long_texts:
-                cut = iter(self._tokenizer(long_texts, max_length=limit, **_IDS_ONLY)["input_ids"])
+                cut = iter(_ids(self._cut, long_texts))
                 probe = [
                     next(cut) if long else ids for ids, long in zip(probe, overlong, strict=True)
                 ]
-        return Tokenized(input_ids=[list(ids) for ids in probe], overlong=overlong)
+        return Tokenized(input_ids=probe, overlong=overlong)
 
     def embed_batch(self, input_ids: Sequence[Sequence[int]]) -> Vectors:
         """One forward pass over one micro-batch (padded to its longest row); rows in order."""
@@ -188,6 +186,27 @@ def check_model_source(name: str, config: ModelConfig) -> str:
             f"model {name}: {config.path} is not a readable model directory (no config.json)"
         )
     return source
+
+
+def _backend(tokenizer: Any, max_length: int) -> Any:
+    """A copy of a fast tokenizer's Rust tokenizer, truncating at `max_length` (special
+    tokens included) and padding nothing: what `tokenizer(texts, max_length=max_length,
+    truncation=True)` computes, without the wrapper's per-text work."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.enable_truncation(
+        max_length=max_length, strategy="longest_first", direction=tokenizer.truncation_side
+    )
+    return backend
+
+
+def _ids(backend: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of `texts` (special tokens added), in one batch call of the Rust tokenizer
+    (`encode_batch_fast` skips the character offsets nobody here reads)."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
 
 
 def _load(

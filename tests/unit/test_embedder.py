@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream.config import ModelConfig, load_config
 from stream.embed.embedder import Embedder
@@ -81,3 +83,40 @@ def test_nothing_to_embed_is_an_empty_result(tiny: Embedder) -> None:
     assert tokens.input_ids == [] and tokens.overlong == []
     vectors, stats = tiny.embed_tokens(tokens)
     assert vectors.shape == (0, 32) and stats.atoms == 0 and stats.batches == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(
+        st.text(st.characters(codec="utf-8"), min_size=1, max_size=400)
+        | st.text("ab é\u00a0\t\n.,!中文😀", min_size=1, max_size=400),
+        min_size=1,
+        max_size=6,
+    ),
+    max_tokens=st.integers(min_value=3, max_value=40),
+)
+def test_tokenize_equals_the_transformers_call_it_replaces(
+    tiny_model: Path, texts: list[str], max_tokens: int
+) -> None:
+    """The Rust tokenizer used directly gives what `tokenizer(texts, max_length=...,
+    truncation=True)` gives, overlong texts and their cut included."""
+    embedder = _embedders(tiny_model, max_tokens)
+    prefixed = ["doc: " + text for text in texts]
+    wrapper = embedder._tokenizer
+    full = wrapper(prefixed, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    cut = wrapper(prefixed, max_length=max_tokens, truncation=True, add_special_tokens=True)
+    tokens = embedder.tokenize(texts)
+    assert tokens.input_ids == cut["input_ids"]
+    assert tokens.overlong == [len(ids) > max_tokens for ids in full]
+
+
+_made: dict[tuple[Path, int], Embedder] = {}
+
+
+def _embedders(model: Path, max_tokens: int) -> Embedder:
+    """One embedder per window size (Hypothesis calls the test hundreds of times)."""
+    key = (model, max_tokens)
+    if key not in _made:
+        config = ModelConfig(path=str(model), max_tokens=max_tokens, document_prefix="doc: ")
+        _made[key] = Embedder("t", config)
+    return _made[key]
