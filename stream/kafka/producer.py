@@ -83,6 +83,9 @@ class OutputProducer:
         self._transactional_id = transactional_id
         self._producer: AIOKafkaProducer = self._make()
         self._generation = 0  # bumped by every replacement of the client
+        # A transactional producer whose sequence numbers the broker no longer accepts (a
+        # long outage): every transaction fails until its owner starts a new one.
+        self.broken = False
         self._replacing = asyncio.Lock()
 
     def _make(self) -> AIOKafkaProducer:
@@ -105,9 +108,17 @@ class OutputProducer:
         """After an error only a new producer id cures (a sequence broken by a long
         outage), replace the client once: the failed window is retried on the new one.
         Records the old client still holds fail; their windows are retried too."""
-        if not needs_new_producer(exc) or self._transactional_id is not None:
+        if not needs_new_producer(exc):
+            return
+        if self._transactional_id is not None:
             # A transactional producer is never replaced behind the caller's back: a new
-            # one with the same id would fence the partition's current owner.
+            # one with the same id would fence the partition's current owner. Its owner
+            # replaces it once the transaction is aborted (`broken`).
+            if not self.broken:
+                log.warning(
+                    "producer %s: %r; it needs a new producer id", self._transactional_id, exc
+                )
+            self.broken = True
             return
         async with self._replacing:
             if generation != self._generation:

@@ -227,12 +227,29 @@ class LiveConsumer:
             return
         partitions = {r.partition for r in records}
         try:
-            await self._transactions.abort(partitions)
+            renewed = await self._transactions.abort(partitions)
+            if renewed:
+                log.warning(
+                    "exactly-once: new producers for partitions %s (their sequence broke)",
+                    sorted(renewed),
+                )
+                await self._confirm_owner(renewed)
         except ProducerFencedError:
             await self._fenced(partitions)
         except LatticeError as exc:  # unreachable: the producers are restarted, aborting it
             log.warning("exactly-once: abort failed (%s); restarting the producers", exc)
             await self._transactions.release(partitions)
+
+    async def _confirm_owner(self, partitions: list[int]) -> None:
+        """Before new producers start for `partitions`: is this instance still a member? A
+        zombie's new producer would fence the rightful owner's, so a refused commit marks
+        them fenced here until a rebalance assigns them again."""
+        try:
+            await self.offsets.confirm_membership()
+        except CommitFailed as exc:
+            log.warning("exactly-once: not the owner of %s any more: %s", partitions, exc)
+            if self._transactions is not None:
+                self._transactions.fenced(partitions)
 
     async def _back_off(self) -> None:
         """Wait before redoing a window; the wait doubles until a window succeeds."""

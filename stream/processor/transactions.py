@@ -104,12 +104,26 @@ class PartitionTransactions:
             self._config.topics.atoms, {}, self._config.kafka.group_id
         )
 
-    async def abort(self, partitions: Iterable[int]) -> None:
-        """Abort what is open on these partitions (their windows are redone)."""
+    async def abort(self, partitions: Iterable[int]) -> list[int]:
+        """Abort what is open on these partitions (their windows are redone).
+
+        A producer that lost its sequence (`broken`: after a long outage the broker answers
+        every send with `OutOfOrderSequenceNumber`) is stopped instead, so the partition's
+        next transaction starts a new one: `InitProducerId` bumps the id's epoch, which
+        resets the sequence. Returns those partitions: the caller confirms its membership
+        first, since a new producer would fence the owner if this instance were a zombie.
+        """
+        renewed = []
         for partition in partitions:
             producer = self._producers.get(partition)
-            if producer is not None:
-                await producer.abort()
+            if producer is None:
+                continue
+            if producer.broken:
+                renewed.append(partition)
+                continue
+            await producer.abort()
+        await self.release(renewed)
+        return renewed
 
     async def release(self, partitions: Iterable[int]) -> None:
         """Partitions revoked (or this producer fenced): abort what is open and stop their

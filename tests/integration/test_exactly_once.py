@@ -18,7 +18,10 @@ from aiokafka.errors import KafkaError
 from schemas.deadletter import decode_dead_letter_headers
 from schemas.routing import RoutingPhase
 from stream.config import Config, load_config
+from stream.core.records import OutRecord
 from stream.ops.operator import send_command
+from stream.processor.topics import prepare_topics
+from stream.processor.transactions import PartitionTransactions
 from tests.integration.test_lifecycle import processor_process
 from tests.integration.test_migration import (
     PARTITIONS,
@@ -196,3 +199,31 @@ async def test_a_migration_killed_mid_backfill_writes_each_input_once_to_the_tar
         f"{len(counts)} target records read committed, 0 duplicates; capacity {capacity:.0f}/s, "
         f"load {load.rate:.0f}/s"
     )
+
+
+@pytest.mark.timeout(120)
+async def test_a_producer_whose_sequence_broke_is_replaced_once_its_transaction_aborts(
+    bootstrap: str, make_config: Any
+) -> None:
+    """After a long outage the broker can answer every send of a transactional producer with
+    OutOfOrderSequenceNumber (seen in the fault suite: a partition stalled for minutes).
+    Aborting stops such a producer, and the next transaction gets a new one, whose epoch
+    (InitProducerId) starts the sequence again; its transaction commits."""
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=1)
+    _, path = make_config(atoms)
+    config = exactly_once(path)
+    await prepare_topics(config)
+    output = OutRecord(key=b"a-1", value=b"{}", headers=[])
+    async with PartitionTransactions(config) as transactions:
+        broken = await transactions.begin(0)
+        await (await broken.send(config.topics.dlq, output))
+        broken.broken = True  # what an OutOfOrderSequenceNumber acknowledgement marks
+        assert await transactions.abort([0]) == [0]
+        fresh = await transactions.begin(0)
+        assert fresh is not broken and not fresh.broken
+        await (await fresh.send(config.topics.dlq, output))
+        await transactions.commit_outputs(0)
+        assert await transactions.abort([0]) == [], "a sound producer is kept"
+    seen = [r for r in await read_all(bootstrap, config.topics.dlq) if r.key == b"a-1"]
+    assert len(seen) == 1, "the aborted transaction's record is not seen, the committed one is"

@@ -33,15 +33,15 @@ SMALL_WINDOWS = "[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n"
 
 
 @contextmanager
-def processor_process(config_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`lattice-embed run` as a child process; killed if the test leaves it running.
+def processor_process(config_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`lattice-embed run [args]` as a child process; killed if the test leaves it running.
 
     Its log goes to a file next to the config and is printed when the test fails.
     """
     log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
     with open(log_path, "wb") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(config_path), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             # The tests' own knobs are no settings: the processor refuses unknown LATTICE_*.

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from schemas.control import PauseMigration, ResumeMigration
 from schemas.routing import RoutingPhase
 from stream.config import Config
 from stream.ops.operator import send_command
+from tests.integration.test_lifecycle import processor_process
 from tests.integration.test_migration import (
     History,
     assert_model_matches_atoms,
@@ -42,28 +42,14 @@ HISTORY = 3000  # events before the migration: its backfill outlasts a worker's 
 
 @contextmanager
 def supervisor_process(config_path: Path, workers: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`lattice-embed run --workers N` as a child; its log (every worker's) in a file beside
-    the config, printed when the test fails; killed with its workers if left running."""
-    log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
-    command = [sys.executable, "-m", "stream.ops.cli", "run", "--config", str(config_path)]
-    with open(log_path, "wb") as log_file:
-        child = subprocess.Popen(
-            [*command, "--workers", str(workers)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("LATTICE_TEST_")},
-        )
+    """`lattice-embed run --workers N` as a child (its log, every worker's, beside the
+    config); killed with its workers if the test leaves it running."""
+    with processor_process(config_path, "--workers", str(workers)) as supervisor:
         try:
-            yield child
-        except BaseException:
-            print(log_path.read_text(errors="replace")[-6000:])
-            raise
+            yield supervisor
         finally:
-            for pid in worker_pids(child.pid):
+            for pid in worker_pids(supervisor.pid):
                 os.kill(pid, signal.SIGKILL)
-            if child.poll() is None:
-                child.kill()
-                child.wait(timeout=30)
 
 
 def worker_pids(parent: int) -> set[int]:
