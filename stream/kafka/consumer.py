@@ -84,21 +84,24 @@ class GroupConsumer:
         if tp in self._consumer.assignment():
             self._consumer.seek(tp, offset)
 
-    async def seek_to_committed(self, partitions: Sequence[int]) -> None:
+    async def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
         """Read each partition from the group's committed offset as the broker has it now
         (exactly-once: once the previous owner's transactions are complete, not an offset
         fetched before them); a partition with none from its first offset (a new group
-        starts from the earliest offset)."""
+        starts from the earliest offset). Returns the offsets found (None: none)."""
+        found: dict[int, int | None] = {}
         async with kafka_errors("consumer", self._kafka.bootstrap_servers):
             for partition in partitions:
                 tp = TopicPartition(self.topic, partition)
                 offset = await self._consumer.committed(tp)
                 if tp not in self._consumer.assignment():
                     continue
+                found[partition] = offset
                 if offset is None:
                     await self._consumer.seek_to_beginning(tp)
                 else:
                     self._consumer.seek(tp, offset)
+        return found
 
     def assignment(self) -> list[int]:
         """The partitions this member owns now."""

@@ -125,7 +125,13 @@ class LiveConsumer:
                 # now owned elsewhere (their new owner writes newer versions meanwhile), and
                 # the rest may predate the committed offsets it repositioned to. Drop them
                 # and read again from what is committed now (none of them was processed).
-                await self._consumer.seek_to_committed(self._consumer.assignment())
+                found = await self._consumer.seek_to_committed(self._consumer.assignment())
+                log.info(
+                    "a rebalance ran during the fetch: %d records dropped, reading again from "
+                    "the committed offsets %s",
+                    len(records),
+                    found,
+                )
                 continue
             fetched_nothing = pending and not records
             with self.rebalance.window():

@@ -167,9 +167,12 @@ class FakeGroupConsumer:
         if partition in self.positions:
             self.positions[partition] = offset
 
-    async def seek_to_committed(self, partitions: Sequence[int]) -> None:
+    async def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        found: dict[int, int | None] = {}
         for partition in partitions:  # nothing committed: the beginning, as the real one
             self.positions[partition] = self.committed.get(partition, 0)
+            found[partition] = self.committed.get(partition)
+        return found
 
     def assignment(self) -> list[int]:
         return list(self.assigned)
