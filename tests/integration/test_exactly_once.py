@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka.errors import KafkaError
 
 from schemas.deadletter import decode_dead_letter_headers
 from schemas.routing import RoutingPhase
@@ -33,7 +32,8 @@ from tests.integration.test_migration import (
     phase_is,
     start,
 )
-from tests.support.kafka import committed, create_topic, end_offsets, produce, read_all, unique
+from tests.support.kafka import create_topic, end_offsets, produce, read_all, unique
+from tests.support.kafka import until_committed as committed_to
 from tests.support.load import LiveLoad
 from tests.support.processor import wait_for_routing
 
@@ -45,21 +45,11 @@ BAD = [(b"bad-1", b"{not json"), (b"bad-2", b'{"type": "atom.created", "atom_id"
 
 
 async def until_committed(config: Any, ends: dict[int, int], *, within: float) -> None:
-    """Poll the group's committed offsets (the processors are other processes)."""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                done = await committed(
-                    config.kafka.bootstrap_servers,
-                    config.kafka.group_id,
-                    config.topics.atoms,
-                    PARTITIONS,
-                )
-            except KafkaError:  # a fresh broker: no group coordinator yet
-                done = dict.fromkeys(ends, -1)
-            if all(done[p] >= end for p, end in ends.items() if end > 0):  # empty: nothing
-                return
-            await anyio.sleep(0.5)  # polling another process's progress: no event to await
+    """Wait until the processors (other processes) have committed `ends` on `atoms`."""
+    kafka = config.kafka
+    await committed_to(
+        kafka.bootstrap_servers, kafka.group_id, config.topics.atoms, ends, within=within
+    )
 
 
 def source_offset(record: Any) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from tests.support.kafka import (
     local_kafka,
     produce,
     unique,
+    until_committed,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.slow]
@@ -121,12 +122,7 @@ async def one_error_line(child: Child) -> str:
 async def drained(bootstrap: str, group: str, atoms: str, *, within: float) -> dict[int, int]:
     """Wait until `group` committed the input topic's end on every partition; the offsets."""
     ends = await end_offsets(bootstrap, atoms, PARTITIONS)
-    with anyio.fail_after(within):
-        while True:
-            offsets = await committed(bootstrap, group, atoms, PARTITIONS)
-            if all(offsets[p] >= end for p, end in ends.items()):
-                return offsets
-            await anyio.sleep(0.5)  # committed offsets are polled from the broker
+    return await until_committed(bootstrap, group, atoms, ends, within=within)
 
 
 @pytest.mark.timeout(240)

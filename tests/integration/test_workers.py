@@ -28,7 +28,7 @@ from tests.integration.test_migration import (
     phase_is,
     start,
 )
-from tests.support.kafka import committed, create_topic, end_offsets, produce, unique
+from tests.support.kafka import create_topic, end_offsets, produce, unique, until_committed
 from tests.support.load import LiveLoad
 from tests.support.processor import wait_for_routing
 
@@ -82,15 +82,9 @@ async def until(condition: Any, *, within: float, every: float = 0.2) -> Any:
 
 async def drained(config: Config, atoms: str, *, within: float) -> None:
     """Wait until the group committed every partition's end."""
-    ends = await end_offsets(config.kafka.bootstrap_servers, atoms, PARTITIONS)
-
-    async def done() -> bool:
-        group = await committed(
-            config.kafka.bootstrap_servers, config.kafka.group_id, atoms, PARTITIONS
-        )
-        return all(group.get(p, 0) >= end for p, end in ends.items())
-
-    await until(done, within=within, every=0.5)
+    bootstrap, group = config.kafka.bootstrap_servers, config.kafka.group_id
+    ends = await end_offsets(bootstrap, atoms, PARTITIONS)
+    await until_committed(bootstrap, group, atoms, ends, within=within)
 
 
 @pytest.mark.timeout(420)

@@ -19,6 +19,7 @@ import anyio
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_KAFKA = REPO / "deploy" / "kafka" / "local-kafka"
@@ -216,6 +217,23 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         return {tp.partition: ends[tp] for tp in tps}
     finally:
         await consumer.stop()
+
+
+async def until_committed(
+    bootstrap: str, group: str, topic: str, ends: dict[int, int], *, within: float
+) -> dict[int, int]:
+    """Wait until `group` has committed at least `ends` on every non-empty partition of
+    `topic`; the committed offsets. Polled: the consumers are other processes (or another
+    task's), and a fresh broker may not have a group coordinator yet."""
+    with anyio.fail_after(within):
+        while True:
+            try:
+                done = await committed(bootstrap, group, topic, len(ends))
+            except KafkaError:  # no group coordinator yet
+                done = dict.fromkeys(ends, -1)
+            if all(done[p] >= end for p, end in ends.items() if end > 0):
+                return done
+            await anyio.sleep(0.5)  # another process's progress: nothing to await
 
 
 async def collect(
