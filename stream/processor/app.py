@@ -44,37 +44,22 @@ async def run_processor(
     stage of the pipeline.
     """
     stop = stop or anyio.Event()
-    stable = config.routing.stable_model
-    await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
+    running = anyio.Event()  # set once the live path runs: from then on a stop drains
     context = ProcessorContext(config, models or ModelPool(config))
     context.stats.stages = stages
-    metrics = Metrics(context) if config.metrics.enabled else None
-    context.sensors.extend(s for s in (metrics, sensor) if s is not None)
-    # First contact with Kafka before anything else starts: a bad broker address or bad
-    # credentials end the start with one line.
-    if await prepare_topics(config) is None:
-        log.warning("input topic %s does not exist yet; waiting for it", config.topics.atoms)
     try:
-        async with anyio.create_task_group() as server:
-            if metrics is not None:
-                port = await server.start(_serve_metrics, metrics, config)
-                if sensor is not None:
-                    sensor.on_listening(port)
-            try:
-                async with (
-                    open_processor(context, role=role) as (live, control),
-                    anyio.create_task_group() as tasks,
-                ):
-                    tasks.start_soon(_stop_on_signals, stop)
-                    tasks.start_soon(control.tail)
-                    tasks.start_soon(watch_topics, config, lambda: _write_models(control))
-                    await live.run(stop)
-                    tasks.cancel_scope.cancel()
-            finally:
-                context.health.stopping = True
-                server.cancel_scope.cancel()
+        async with anyio.create_task_group() as outer:
+            # Signals are heard from the first moment: a SIGTERM while the models load or
+            # the control log replays ends the start cleanly instead of killing the process.
+            outer.start_soon(_stop_on_signals, stop)
+            with anyio.CancelScope() as run:
+                outer.start_soon(_abandon_start_on_stop, stop, running, run)
+                await _run(config, context, role, sensor, stop, running)
+            outer.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _sole_error(group) from None
+    if not running.is_set():
+        log.info("stopped during start-up, before the first atom")
     stats = context.stats
     log.info(
         "stopped: atoms in %s, outputs %s, dead letters %s",
@@ -83,6 +68,51 @@ async def run_processor(
         dict(stats.dead_letters),
     )
     return stats
+
+
+async def _run(
+    config: Config,
+    context: ProcessorContext,
+    role: str,
+    sensor: Sensor | None,
+    stop: anyio.Event,
+    running: anyio.Event,
+) -> None:
+    stable = config.routing.stable_model
+    await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
+    metrics = Metrics(context) if config.metrics.enabled else None
+    context.sensors.extend(s for s in (metrics, sensor) if s is not None)
+    # First contact with Kafka before anything else starts: a bad broker address or bad
+    # credentials end the start with one line.
+    if await prepare_topics(config) is None:
+        log.warning("input topic %s does not exist yet; waiting for it", config.topics.atoms)
+    async with anyio.create_task_group() as server:
+        if metrics is not None:
+            port = await server.start(_serve_metrics, metrics, config)
+            if sensor is not None:
+                sensor.on_listening(port)
+        try:
+            async with (
+                open_processor(context, role=role) as (live, control),
+                anyio.create_task_group() as tasks,
+            ):
+                running.set()
+                tasks.start_soon(control.tail)
+                tasks.start_soon(watch_topics, config, lambda: _write_models(control))
+                await live.run(stop)
+                tasks.cancel_scope.cancel()
+        finally:
+            context.health.stopping = True
+            server.cancel_scope.cancel()
+
+
+async def _abandon_start_on_stop(
+    stop: anyio.Event, running: anyio.Event, run: anyio.CancelScope
+) -> None:
+    """A stop before the live path runs cancels the start; after it, the live path drains."""
+    await stop.wait()
+    if not running.is_set():
+        run.cancel()
 
 
 def _write_models(control: ControlPlane) -> list[str]:

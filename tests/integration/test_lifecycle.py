@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,10 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
 from schemas.embeddings import EmbeddingRecord
+from stream.embed.embedder import Embedder
+from stream.embed.pool import ModelPool
+from stream.processor.app import run_processor
 from tests.support.kafka import (
     atom_value,
     collect,
@@ -180,3 +185,34 @@ def test_bad_starts_fail_with_one_clear_line(tmp_path: Path) -> None:
         f"lattice-embed: error: model m: {tmp_path}/nope is not a readable model directory "
         "(no config.json)"
     )
+
+
+class _StuckLoad(ModelPool):
+    """A pool whose model load never finishes on its own: the start is stuck in it."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.loading = anyio.Event()
+
+    async def get(self, name: str) -> Embedder:
+        self.loading.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_during_the_start_ends_it_cleanly(
+    bootstrap: str, make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CI failure of stop 16: SIGTERM while the models loaded killed the process (-15)."""
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=1)
+    config, _ = make_config(atoms)
+    pool = _StuckLoad(config)
+    caplog.set_level(logging.INFO, logger="stream.processor.app")
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_processor(config, models=pool))
+        with anyio.fail_after(30):
+            await pool.loading.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert "stopped during start-up, before the first atom" in caplog.text
