@@ -84,24 +84,29 @@ class GroupConsumer:
         if tp in self._consumer.assignment():
             self._consumer.seek(tp, offset)
 
-    async def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
-        """Read each partition from the group's committed offset as the broker has it now
-        (exactly-once: once the previous owner's transactions are complete, not an offset
-        fetched before them); a partition with none from its first offset (a new group
-        starts from the earliest offset). Returns the offsets found (None: none)."""
+    async def read_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        """The group's committed offset of each partition still assigned, as the broker has
+        it now (None: none). A transactional commit shows only once the group coordinator
+        has applied its marker: right after the commit it can still read the offset before."""
         found: dict[int, int | None] = {}
         async with kafka_errors("consumer", self._kafka.bootstrap_servers):
             for partition in partitions:
                 tp = TopicPartition(self.topic, partition)
                 offset = await self._consumer.committed(tp)
-                if tp not in self._consumer.assignment():
-                    continue
-                found[partition] = offset
-                if offset is None:
-                    await self._consumer.seek_to_beginning(tp)
-                else:
-                    self._consumer.seek(tp, offset)
+                if tp in self._consumer.assignment():
+                    found[partition] = offset
         return found
+
+    async def seek_committed(self, partition: int, offset: int | None) -> None:
+        """Read `partition` from `offset`, or from its first offset when None (a new group
+        starts from the earliest offset); ignored when it is no longer assigned."""
+        tp = TopicPartition(self.topic, partition)
+        if tp not in self._consumer.assignment():
+            return
+        if offset is None:
+            await self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek(tp, offset)
 
     def assignment(self) -> list[int]:
         """The partitions this member owns now."""

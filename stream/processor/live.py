@@ -125,7 +125,7 @@ class LiveConsumer:
                 # now owned elsewhere (their new owner writes newer versions meanwhile), and
                 # the rest may predate the committed offsets it repositioned to. Drop them
                 # and read again from what is committed now (none of them was processed).
-                found = await self._consumer.seek_to_committed(self._consumer.assignment())
+                found = await self.offsets.resume_from_committed(self._consumer.assignment())
                 log.info(
                     "a rebalance ran during the fetch: %d records dropped, reading again from "
                     "the committed offsets %s",
@@ -133,6 +133,7 @@ class LiveConsumer:
                     found,
                 )
                 continue
+            records = self.offsets.drop_done(records)
             fetched_nothing = pending and not records
             with self.rebalance.window():
                 try:

@@ -76,6 +76,17 @@ class ProcessorCollector(Collector):
             value=stats.dead_letters_lost,
         )
         yield _by("lattice_truncated", "Texts cut to the model window", "model", stats.truncated)
+        offsets = self._context.live.offsets if self._context.live is not None else None
+        yield CounterMetricFamily(
+            "lattice_stale_committed_reads",
+            "Committed offsets read below this instance's own commits (read from its own)",
+            value=offsets.stale_reads if offsets is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "lattice_records_below_commit",
+            "Fetched records below this instance's own commits, dropped (processed already)",
+            value=offsets.dropped_done if offsets is not None else 0,
+        )
         yield CounterMetricFamily(
             "lattice_backfill_events", "Backfill events replayed", value=stats.backfilled_events
         )

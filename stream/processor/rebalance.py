@@ -85,7 +85,7 @@ class Rebalance:
             # offset fetched before that can be one window old (a pending transactional
             # commit is not visible yet): that window would be processed twice.
             await self._transactions.acquire(partitions)
-            found = await self._consumer.seek_to_committed(partitions)
+            found = await self._offsets.resume_from_committed(partitions)
             log.info("exactly-once: reading from the committed offsets %s", found)
         self.generation += 1
         self._settled.set()

@@ -18,6 +18,7 @@ from schemas.deadletter import decode_dead_letter_headers
 from schemas.routing import RoutingPhase
 from stream.config import Config, load_config
 from stream.core.records import OutRecord
+from stream.kafka.clients import make_consumer
 from stream.ops.operator import send_command
 from stream.processor.topics import prepare_topics
 from stream.processor.transactions import PartitionTransactions
@@ -41,6 +42,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.slow]
 
 BACKLOG = 600
 SESSION_SECS = 10  # the test config's session timeout
+STORM_ROUNDS = 12  # rebalance pairs of the storm test
 BAD = [(b"bad-1", b"{not json"), (b"bad-2", b'{"type": "atom.created", "atom_id": "bad-2"}')]
 
 
@@ -217,3 +219,60 @@ async def test_a_producer_whose_sequence_broke_is_replaced_once_its_transaction_
         assert await transactions.abort([0]) == [], "a sound producer is kept"
     seen = [r for r in await read_all(bootstrap, config.topics.dlq) if r.key == b"a-1"]
     assert len(seen) == 1, "the aborted transaction's record is not seen, the committed one is"
+
+
+async def join_and_leave(config: Config, *, holds: float) -> None:
+    """A plain member joins the processors' group (an eager rebalance takes every partition
+    away and hands them out again), holds its share without processing, and leaves (a
+    second rebalance gives the processors their partitions back)."""
+    member = make_consumer(config.kafka, group_id=config.kafka.group_id)
+    await member.start()
+    try:
+        member.subscribe([config.topics.atoms])
+        with anyio.fail_after(60):
+            while not member.assignment():
+                await member.getmany(timeout_ms=200, max_records=1)  # records are dropped
+        member.pause(*member.assignment())
+        with anyio.move_on_after(holds):
+            while True:
+                await member.getmany(timeout_ms=200)  # heartbeats ride on the polls
+    finally:
+        await member.stop()  # leaves the group: no commit, its share is redone
+
+
+@pytest.mark.timeout(420)
+async def test_a_rebalance_storm_leaves_every_output_exactly_once(
+    bootstrap: str, make_config: Any
+) -> None:
+    """Rebalances that keep partitions where they were: the processor's own last commits
+    must not be read back stale and redone (the duplicate window of a fault run)."""
+    atoms = unique("atoms")
+    await create_topic(bootstrap, atoms, partitions=PARTITIONS)
+    _, path = make_config(atoms, extra="[batching]\nwindow_atoms = 32\n")
+    config = exactly_once(path)
+    history = History(seed=59)
+    await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0))
+    with processor_process(path) as first, processor_process(path) as second:
+        load, capacity = await quarter_load(config, history)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(load.run)
+            for round_ in range(STORM_ROUNDS):
+                await join_and_leave(config, holds=1.0 + round_ % 3)
+            load.stop()
+        ends = await end_offsets(bootstrap, atoms, PARTITIONS)
+        await until_committed(config, ends, within=180)
+        for child in (first, second):
+            child.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+
+    inputs = {(r.partition, r.offset) for r in await read_all(bootstrap, atoms)}
+    outputs = Counter(
+        source_offset(r) for r in await read_all(bootstrap, config.topics.embeddings("tiny"))
+    )
+    duplicates = {k: n for k, n in outputs.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} inputs output more than once: {list(duplicates)[:5]}"
+    assert set(outputs) == inputs, "every input once"
+    print(
+        f"\nrebalance storm: {STORM_ROUNDS} joins and leaves, {len(inputs)} inputs, 0 "
+        f"duplicates; capacity {capacity:.0f}/s, load {load.rate:.0f}/s"
+    )

@@ -130,6 +130,7 @@ class FakeGroupConsumer:
         self.positions = {p: 0 for p in assigned}
         self.committed: dict[int, int] = {}
         self.commit_fails = 0  # the next N commits raise CommitFailed
+        self.stale_committed: dict[int, int | None] = {}  # read_committed answers this
         self.listener: PartitionListener | None = None
         self._told = False
 
@@ -167,12 +168,14 @@ class FakeGroupConsumer:
         if partition in self.positions:
             self.positions[partition] = offset
 
-    async def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
-        found: dict[int, int | None] = {}
-        for partition in partitions:  # nothing committed: the beginning, as the real one
-            self.positions[partition] = self.committed.get(partition, 0)
-            found[partition] = self.committed.get(partition)
-        return found
+    async def read_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        if self.stale_committed:  # as right after a transactional commit: the one before
+            return dict(self.stale_committed)
+        return {p: self.committed.get(p) for p in partitions}
+
+    async def seek_committed(self, partition: int, offset: int | None) -> None:
+        if partition in self.positions:  # nothing committed: the beginning, as the real one
+            self.positions[partition] = 0 if offset is None else offset
 
     def assignment(self) -> list[int]:
         return list(self.assigned)
