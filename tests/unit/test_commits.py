@@ -17,7 +17,7 @@ def owner() -> tuple[FakeLog, FakeGroupConsumer, Offsets]:
     for i in range(100):
         log.append(i % 2, f"k{i}".encode(), b"{}")
     consumer = FakeGroupConsumer(log, [0, 1])
-    return log, consumer, Offsets(consumer, Sensor())
+    return log, consumer, Offsets(consumer, Sensor())  # type: ignore[arg-type]
 
 
 async def test_a_stale_committed_offset_resumes_from_this_instances_own_commit() -> None:
