@@ -124,7 +124,11 @@ class LiveConsumer:
                 # A rebalance ran during the fetch: some records may belong to partitions
                 # now owned elsewhere (their new owner writes newer versions meanwhile), and
                 # the rest may predate the committed offsets it repositioned to. Drop them
-                # and read again from what is committed now (none of them was processed).
+                # and read again from what is committed now (none of them was processed),
+                # once the rebalance is done: in exactly-once mode `on_assigned` first waits
+                # for the previous owners' transactions, and a committed offset read before
+                # that can be one window old (EndTxn returns before its markers are written).
+                await self.rebalance.settled()
                 found = await self.offsets.resume_from_committed(self._consumer.assignment())
                 log.info(
                     "a rebalance ran during the fetch: %d records dropped, reading again from "
