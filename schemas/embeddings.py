@@ -2,7 +2,9 @@
 
 JSON (the default) carries the vector as numbers. The optional msgpack encoding carries the
 same fields with `vector` as raw little-endian float32 bytes (`dim` x 4), a third the size;
-every non-null value says which it is in the `lattice.encoding` header.
+`msgpack-f16` carries it as little-endian IEEE half floats (`dim` x 2), for indexes that
+store float16 anyway (a unit vector's components keep about 3 significant digits). Every
+non-null value says which it is in the `lattice.encoding` header.
 
 v2 added `model_fingerprint` (also in header `lattice.model-fingerprint`), and the atom's
 `metadata` and `created_at`; all default to None, so v1 records still decode.
@@ -11,6 +13,7 @@ v2 added `model_fingerprint` (also in header `lattice.model-fingerprint`), and t
 from __future__ import annotations
 
 import array
+import struct
 import sys
 from datetime import datetime
 from typing import Literal
@@ -18,7 +21,7 @@ from typing import Literal
 import msgspec
 
 EmbeddingPath = Literal["live", "backfill"]  # how a record was made: new atom or history
-Encoding = Literal["json", "msgpack"]
+Encoding = Literal["json", "msgpack", "msgpack-f16"]
 
 ENCODING_HEADER = "lattice.encoding"
 FINGERPRINT_HEADER = "lattice.model-fingerprint"
@@ -55,7 +58,8 @@ class EmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PackedEmbeddingRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """EmbeddingRecord as msgpack: `vector` is little-endian float32 bytes."""
+    """EmbeddingRecord as msgpack: `vector` is little-endian float32 bytes (`msgpack`) or
+    float16 bytes (`msgpack-f16`)."""
 
     atom_id: str
     model: str
@@ -84,17 +88,24 @@ def decode_embedding(value: bytes, encoding: str | None = None) -> EmbeddingReco
     """
     if encoding in (None, "json"):
         return _json_decoder.decode(value)
-    if encoding != "msgpack":
+    width = _WIDTHS.get(encoding)
+    if width is None:
         raise ValueError(f"unknown {ENCODING_HEADER} {encoding!r}")
     packed = _msgpack_decoder.decode(value)
-    if len(packed.vector) != 4 * packed.dim:
+    if len(packed.vector) != width * packed.dim:
         raise ValueError(
-            f"vector holds {len(packed.vector)} bytes, dim {packed.dim} needs {4 * packed.dim}"
+            f"vector holds {len(packed.vector)} bytes, dim {packed.dim} needs {width * packed.dim}"
         )
-    values = array.array("f")
-    values.frombytes(packed.vector)
-    if sys.byteorder == "big":
-        values.byteswap()
     fields = msgspec.structs.asdict(packed)
-    fields["vector"] = values.tolist()
+    if width == 2:
+        fields["vector"] = list(struct.unpack(f"<{packed.dim}e", packed.vector))
+    else:
+        values = array.array("f")
+        values.frombytes(packed.vector)
+        if sys.byteorder == "big":
+            values.byteswap()
+        fields["vector"] = values.tolist()
     return EmbeddingRecord(**fields)
+
+
+_WIDTHS = {"msgpack": 4, "msgpack-f16": 2}  # bytes per vector component

@@ -194,8 +194,9 @@ class OutputConfig(_Section, frozen=True):
     """How output records are written."""
 
     # json: the vector as numbers (CONTRACT); msgpack: the same fields, the vector as
-    # little-endian float32 bytes, about a third the size. Header lattice.encoding says which.
-    encoding: Literal["json", "msgpack"] = "json"
+    # little-endian float32 bytes, about a third the size; msgpack-f16: float16 bytes, half
+    # that again. Header lattice.encoding says which.
+    encoding: Literal["json", "msgpack", "msgpack-f16"] = "json"
 
 
 class MetricsConfig(_Section, frozen=True):

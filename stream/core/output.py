@@ -25,7 +25,8 @@ SOURCE_OFFSET_HEADER = "lattice.source-offset"
 
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
-_ENCODING_VALUES = {"json": b"json", "msgpack": b"msgpack"}
+_ENCODING_VALUES = {"json": b"json", "msgpack": b"msgpack", "msgpack-f16": b"msgpack-f16"}
+_PACKED_DTYPES = {"msgpack": "<f4", "msgpack-f16": "<f2"}
 
 
 def output_headers(
@@ -74,8 +75,9 @@ def embedding_output(
         "metadata": metadata,
         "created_at": created_at,
     }
-    if encoding == "msgpack":
-        packed = vector.astype("<f4", copy=False).tobytes()
+    dtype = _PACKED_DTYPES.get(encoding)
+    if dtype is not None:
+        packed = vector.astype(dtype, copy=False).tobytes()
         value = _msgpack_encoder.encode(PackedEmbeddingRecord(vector=packed, **fields))
     else:
         value = _json_encoder.encode(EmbeddingRecord(vector=vector.tolist(), **fields))

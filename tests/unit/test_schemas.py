@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -17,6 +18,7 @@ from schemas import (
     InvalidAtom,
     RoutingPhase,
     RoutingStatus,
+    SourceRef,
     StartMigration,
     decode_atom,
     decode_embedding,
@@ -35,6 +37,7 @@ from schemas.deadletter import (
     encode_dead_letter_headers,
 )
 from schemas.snapshot import RoutingSnapshot
+from stream.core.output import embedding_output
 from stream.core.snapshot import state_of
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "v1"
@@ -171,6 +174,37 @@ def test_msgpack_values_that_do_not_fit_are_refused() -> None:
         decode_embedding(msgspec.msgpack.encode(record), encoding="msgpack")
     with pytest.raises(ValueError, match=r"unknown lattice\.encoding 'avro'"):
         decode_embedding(packed, encoding="avro")
+
+
+def test_float16_output_is_the_vector_at_half_precision_in_half_the_bytes() -> None:
+    rng = np.random.default_rng(7)
+    vector = rng.standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    records = {
+        encoding: embedding_output(
+            atom_id="a-1",
+            model="m",
+            vector=vector,
+            normalized=True,
+            source=SourceRef(topic="atoms", partition=0, offset=5),
+            path="live",
+            migration_id=None,
+            embedded_at=datetime(2026, 12, 2, tzinfo=UTC),
+            encoding=encoding,
+        )
+        for encoding in ("msgpack", "msgpack-f16")
+    }
+    f32, f16 = (records[e].value or b"" for e in ("msgpack", "msgpack-f16"))
+    assert len(f32) - len(f16) == 2 * 384
+    assert dict(records["msgpack-f16"].headers)["lattice.encoding"] == b"msgpack-f16"
+    decoded = decode_embedding(f16, encoding="msgpack-f16")
+    assert decoded.vector == vector.astype(np.float16).astype(np.float32).tolist()
+    cosine = float(np.dot(np.asarray(decoded.vector), vector) / np.linalg.norm(decoded.vector))
+    assert cosine > 0.99999
+    record = msgspec.msgpack.decode(f16)
+    record["vector"] = record["vector"][:-2]
+    with pytest.raises(ValueError, match="vector holds 766 bytes, dim 384 needs 768"):
+        decode_embedding(msgspec.msgpack.encode(record), encoding="msgpack-f16")
 
 
 def test_backfill_defaults_are_the_original_design() -> None:
