@@ -164,8 +164,11 @@ async def test_deletes_and_null_values_become_tombstones_with_headers(
 
 
 @pytest.mark.timeout(120)
-async def test_msgpack_float32_values_with_zstd_carry_the_same_vectors(
-    bootstrap: str, make_config: Any
+@pytest.mark.parametrize(
+    ("encoding", "width", "atol"), [("msgpack", 4, 1e-5), ("msgpack-f16", 2, 1e-3)]
+)
+async def test_msgpack_values_with_zstd_carry_the_same_vectors(
+    bootstrap: str, make_config: Any, encoding: str, width: int, atol: float
 ) -> None:
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms)
@@ -173,7 +176,7 @@ async def test_msgpack_float32_values_with_zstd_carry_the_same_vectors(
     config = msgspec.structs.replace(
         config,
         kafka=msgspec.structs.replace(config.kafka, compression_type="zstd"),
-        output=OutputConfig(encoding="msgpack"),
+        output=OutputConfig(encoding=encoding),  # type: ignore[arg-type]
     )
     texts = sample_texts(30)
     await produce(
@@ -188,10 +191,10 @@ async def test_msgpack_float32_values_with_zstd_carry_the_same_vectors(
     )
     for record in out:
         headers = dict(record.headers)
-        assert headers["lattice.encoding"] == b"msgpack"
-        decoded = decode_embedding(record.value, headers["lattice.encoding"].decode())
-        # float32 bytes plus the fields (the fingerprint is ~80 bytes), not JSON numbers
-        assert len(record.value) < 4 * decoded.dim + 300, "float32 bytes, not JSON numbers"
+        assert headers["lattice.encoding"] == encoding.encode()
+        decoded = decode_embedding(record.value, encoding)
+        # packed bytes plus the fields (the fingerprint is ~80 bytes), not JSON numbers
+        assert len(record.value) < width * decoded.dim + 300, "packed bytes, not JSON numbers"
         index = int(decoded.atom_id.removeprefix("m-"))
         assert decoded.source.offset == index and decoded.model == "tiny"
-        np.testing.assert_allclose(decoded.vector, expected[index], atol=1e-5)
+        np.testing.assert_allclose(decoded.vector, expected[index], atol=atol)
