@@ -69,6 +69,15 @@ def exactly_once(path: Path) -> Config:
     return config
 
 
+async def seeded(bootstrap: str, atoms: str, path: Path, *, seed: int) -> tuple[Config, History]:
+    """Exactly-once on for the test config at `path`, and a first few atoms on every
+    partition of `atoms` (the processors' first commits mark them started)."""
+    config = exactly_once(path)
+    history = History(seed=seed)
+    await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0))
+    return config, history
+
+
 async def quarter_load(config: Config, history: History) -> tuple[LiveLoad, float]:
     """With the processors started (their first atoms committed), measure capacity as the
     time to drain a backlog, and return a live load at a quarter of it."""
@@ -149,9 +158,7 @@ async def test_a_migration_killed_mid_backfill_writes_each_input_once_to_the_tar
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms, partitions=PARTITIONS)
     _, path = migration_config(atoms)
-    config = exactly_once(path)
-    history = History(seed=59)
-    await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0))
+    config, history = await seeded(bootstrap, atoms, path, seed=59)
     with processor_process(path) as first, processor_process(path) as second:
         load, capacity = await quarter_load(config, history)
         async with anyio.create_task_group() as tasks:
@@ -249,9 +256,7 @@ async def test_a_rebalance_storm_leaves_every_output_exactly_once(
     atoms = unique("atoms")
     await create_topic(bootstrap, atoms, partitions=PARTITIONS)
     _, path = make_config(atoms, extra="[batching]\nwindow_atoms = 32\n")
-    config = exactly_once(path)
-    history = History(seed=59)
-    await produce(bootstrap, atoms, history.events(3 * PARTITIONS, churn=0.0))
+    config, history = await seeded(bootstrap, atoms, path, seed=61)
     with processor_process(path) as first, processor_process(path) as second:
         load, capacity = await quarter_load(config, history)
         async with anyio.create_task_group() as tasks:
