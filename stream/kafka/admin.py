@@ -102,6 +102,17 @@ class Admin:
             found = await self._client.list_consumer_group_offsets(group_id)
         return {tp.partition: int(meta.offset) for tp, meta in found.items() if tp.topic == topic}
 
+    async def group_members(self, group_id: str) -> tuple[str, int]:
+        """The state of consumer group `group_id` (`Stable`, `PreparingRebalance`, `Empty`,
+        ...) and how many members it has (tools, benches)."""
+        async with kafka_errors("admin", self._kafka.bootstrap_servers):
+            responses = await self._client.describe_consumer_groups([group_id])
+        for response in responses:
+            for error_code, name, state, _protocol_type, _protocol, members, *_ in response.groups:
+                if name == group_id and error_code == 0:
+                    return str(state), len(members)
+        return "Dead", 0
+
     async def ensure_topics(self, specs: list[TopicSpec]) -> list[str]:
         """Create every missing topic in `specs`; return the names actually created."""
         if not specs:

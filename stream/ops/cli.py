@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _levels(value: str) -> list[int]:
+    """`--workers-scaling`: comma-separated positive worker counts."""
+    try:
+        levels = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of worker counts: {value!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be positive: {value!r}")
+    return levels
+
+
 def _workers(value: str) -> int | str:
     """`--workers`: a positive count, or `auto`."""
     if value == "auto":
@@ -316,6 +327,19 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     bench.add_argument(
         "--pipeline-atoms", type=int, default=4096, help="atoms per --pipeline run (4,096)"
+    )
+    bench.add_argument(
+        "--workers-scaling",
+        type=_levels,
+        metavar="N,N,...",
+        help="also drain a mixed backlog (--workers-atoms, over as many partitions as the "
+        "largest N) with `run --workers N` for each N, e.g. 1,2,4,8: atoms/s and speed-up",
+    )
+    bench.add_argument(
+        "--workers-atoms",
+        type=int,
+        default=20_000,
+        help="atoms per --workers-scaling level (20,000)",
     )
     bench.add_argument("--device", help="cpu or cuda (default: runtime.device)")
     bench.add_argument("--out", default="bench-results", help="folder for bench.json/.png")

@@ -68,6 +68,8 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                 else None,
                 exactly_once_atoms=args.eos_atoms if args.exactly_once else None,
                 pipeline_atoms=args.pipeline_atoms if args.pipeline else None,
+                workers_levels=args.workers_scaling,
+                workers_atoms=args.workers_atoms,
             )
         )
     finally:

@@ -319,6 +319,8 @@ async def run_bench(
     control_log: tuple[int, float] | None = None,
     exactly_once_atoms: int | None = None,
     pipeline_atoms: int | None = None,
+    workers_levels: Sequence[int] | None = None,
+    workers_atoms: int = 20_000,
 ) -> dict[str, Any]:
     """Run every measurement; write JSON and a PNG plot under `out`; return the report.
 
@@ -377,6 +379,16 @@ async def run_bench(
         from stream.tools.benchpipeline import pipeline_ceiling
 
         report["pipeline"] = await pipeline_ceiling(config, pool, atoms=pipeline_atoms, runs=runs)
+    if workers_levels:
+        from stream.tools.benchworkers import workers_scaling
+
+        report["workers_scaling"] = await workers_scaling(
+            config,
+            scale.config_path if scale else None,
+            workers_levels,
+            atoms=workers_atoms,
+            workdir=out / "workers",
+        )
     if backfill_target is not None:
         from stream.tools.benchmigration import backfill_latency
 

@@ -183,6 +183,10 @@ def format_table(report: dict[str, Any]) -> str:
         from stream.tools.benchpipeline import pipeline_lines
 
         lines += pipeline_lines(report["pipeline"])
+    if "workers_scaling" in report:
+        from stream.tools.benchworkers import scaling_lines
+
+        lines += scaling_lines(report["workers_scaling"])
     if "serve" in report:
         from stream.serve.bench import format_serve_table
 

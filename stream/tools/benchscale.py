@@ -153,13 +153,13 @@ async def scale_migration(
             with anyio.move_on_after(max(0.0, due - time.monotonic())):
                 await stop_load.wait()  # pacing of the offered load, not a condition wait
 
-    env = _instance_env(config)
+    env = instance_env(config)
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(
-            _instance("a", config_path, env, workdir / "a.log", workdir / "state-a")
+            processor_child("a", config_path, env, workdir / "a.log", workdir / "state-a")
         )
         second = await stack.enter_async_context(
-            _instance("b", config_path, env, workdir / "b.log", workdir / "state-b")
+            processor_child("b", config_path, env, workdir / "b.log", workdir / "state-b")
         )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load)
@@ -190,7 +190,7 @@ async def scale_migration(
                         second.process.send_signal(signal.SIGKILL)
                         await second.process.wait()
                         restarted = await stack.enter_async_context(
-                            _instance(
+                            processor_child(
                                 "b2", config_path, env, workdir / "b2.log", workdir / "state-b"
                             )
                         )
@@ -296,7 +296,7 @@ async def _wait_committed(config: Config, ends: Mapping[int, int], *, within: fl
                 await anyio.sleep(POLL_SECS)  # period of the commit probe
 
 
-async def _wait_assigned(instances: list[Instance], within: float = 120.0) -> None:
+async def _wait_assigned(instances: list[Instance], within: float = 600.0) -> None:
     """Wait until both processes own partitions (they logged their assignments)."""
     with anyio.fail_after(within):
         while True:
@@ -306,7 +306,7 @@ async def _wait_assigned(instances: list[Instance], within: float = 120.0) -> No
             await anyio.sleep(POLL_SECS)  # period of the log probe
 
 
-def _instance_env(config: Config) -> dict[str, str]:
+def instance_env(config: Config) -> dict[str, str]:
     """The run's topics and group as LATTICE_* overrides for the child processes."""
     topics, kafka = config.topics, config.kafka
     return {
@@ -322,10 +322,15 @@ def _instance_env(config: Config) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _instance(
-    name: str, config_path: str | None, env: dict[str, str], log_path: Path, state_dir: Path
+async def processor_child(
+    name: str,
+    config_path: str | None,
+    env: dict[str, str],
+    log_path: Path,
+    state_dir: Path,
+    args: tuple[str, ...] = (),
 ) -> AsyncIterator[Instance]:
-    command = [sys.executable, "-m", "stream.ops.cli", "run"]
+    command = [sys.executable, "-m", "stream.ops.cli", "run", *args]
     if config_path:
         command += ["--config", config_path]
     child_env = {**os.environ, **env, "LATTICE_STATE_DIR": str(state_dir)}

@@ -122,3 +122,45 @@ async def test_bench_serve_reports_each_concurrency_level(make_config: Any, tmp_
         assert 0 < level["p50_ms"] <= level["p99_ms"]
     stdout = done.stdout.decode()
     assert "embeddings API" in stdout and "req/s" in stdout, stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_bench_workers_scaling_reports_each_worker_count(
+    make_config: Any, tmp_path: Path
+) -> None:
+    _, path = make_config(unique("atoms"))
+    out = tmp_path / "bench"
+    done = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "stream.ops.cli",
+            "bench",
+            "--config",
+            str(path),
+            "--workloads",
+            "none",
+            "--workers-scaling",
+            "1,2",
+            "--workers-atoms",
+            "1500",
+            "--out",
+            str(out),
+        ],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    scaling = json.loads((out / "bench.json").read_text())["workers_scaling"]
+    assert scaling["partitions"] == 2 and scaling["atoms"] == 1500
+    assert [level["workers"] for level in scaling["levels"]] == [1, 2]
+    for level in scaling["levels"]:
+        assert level["atoms_per_sec"] > 0 and level["produce_atoms_per_sec"] > 0, level
+    assert scaling["levels"][0]["speedup"] == 1.0
+    second = scaling["levels"][1]
+    assert second["speedup"] == pytest.approx(
+        second["atoms_per_sec"] / scaling["levels"][0]["atoms_per_sec"]
+    )
+    assert "workers scaling" in done.stdout.decode()
+    log = (out / "workers" / "workers-2.log").read_text()
+    assert "started 2 workers" in log and log.count("assigned partitions: [") >= 2, log[-2000:]
