@@ -42,12 +42,15 @@ def test_each_worker_gets_its_client_id_metrics_port_and_share_of_the_cores() ->
     }, "port 0: each picks a free one; on a GPU torch keeps its own thread count"
 
 
-# A stand-in processor: writes its pid, exits 0 on SIGTERM, or `EXIT` at once when set.
+# A stand-in processor: writes its pid, exits 0 on SIGTERM, or `EXIT` when set (once
+# `AFTER` stand-ins have written theirs, if set: a loaded host starts them slowly).
 WORKER = """
 import os, signal, sys, time
 from pathlib import Path
 Path(sys.argv[1], str(os.getpid())).write_text(os.environ["LATTICE_KAFKA_CLIENT_ID"])
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while len(os.listdir(sys.argv[1])) < int(os.environ.get("AFTER", "0")):
+    time.sleep(0.05)
 if os.environ.get("EXIT"):
     sys.exit(int(os.environ["EXIT"]))
 while True:
@@ -111,7 +114,7 @@ def test_a_fatal_exit_stops_the_others_and_is_the_supervisor_status(
         lambda config, index, count, base: {
             **base,
             "LATTICE_KAFKA_CLIENT_ID": f"w{index}",
-            **({"EXIT": "1"} if index == 1 else {}),
+            **({"EXIT": "1", "AFTER": "2"} if index == 1 else {}),
         },
     )
     _, status = supervise(tmp_path, 2)
