@@ -62,6 +62,9 @@ class KafkaConfig(_Section, frozen=True):
     enable_idempotence: bool = True
     # Producer compression of output records (the consumer reads any codec).
     compression_type: Literal["none", "gzip", "lz4", "snappy", "zstd"] = "none"
+    # A processor that cannot reach Kafka while it starts (a broker restarting as a pod
+    # starts) tries again with backoff for this long before it exits 1; 0: exit at once.
+    start_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 120.0
 
     __secrets__ = ("sasl_plain_password",)
 

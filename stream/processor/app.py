@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 import anyio
@@ -16,7 +17,8 @@ from schemas.routing import RoutingStatus
 from stream.config import Config
 from stream.embed.embedder import check_model_source
 from stream.embed.pool import ModelPool
-from stream.processor.context import ProcessorContext, open_processor
+from stream.errors import BrokerUnavailable
+from stream.processor.context import Health, ProcessorContext, open_processor
 from stream.processor.control import ControlPlane
 from stream.processor.metrics import Metrics
 from stream.processor.sensors import ProcessorStats, Sensor
@@ -25,6 +27,9 @@ from stream.processor.topics import prepare_topics
 from stream.processor.topicwatch import watch_topics
 
 log = logging.getLogger(__name__)
+
+START_BACKOFF_SECS = 1.0  # first wait before starting again after an outage at start-up
+MAX_START_BACKOFF_SECS = 10.0
 
 
 async def run_processor(
@@ -47,6 +52,7 @@ async def run_processor(
     running = anyio.Event()  # set once the live path runs: from then on a stop drains
     context = ProcessorContext(config, models or ModelPool(config))
     context.stats.stages = stages
+    stable = config.routing.stable_model
     try:
         async with anyio.create_task_group() as outer:
             # Signals are heard from the first moment: a SIGTERM while the models load or
@@ -54,7 +60,10 @@ async def run_processor(
             outer.start_soon(_stop_on_signals, stop)
             with anyio.CancelScope() as run:
                 outer.start_soon(_abandon_start_on_stop, stop, running, run)
-                await _run(config, context, role, sensor, stop, running)
+                await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
+                metrics = Metrics(context) if config.metrics.enabled else None
+                context.sensors.extend(s for s in (metrics, sensor) if s is not None)
+                await _start_through_outages(config, context, role, metrics, sensor, stop, running)
             outer.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _sole_error(group) from None
@@ -70,18 +79,50 @@ async def run_processor(
     return stats
 
 
-async def _run(
+async def _start_through_outages(
     config: Config,
     context: ProcessorContext,
     role: str,
+    metrics: Metrics | None,
     sensor: Sensor | None,
     stop: anyio.Event,
     running: anyio.Event,
 ) -> None:
-    stable = config.routing.stable_model
-    await anyio.to_thread.run_sync(check_model_source, stable, config.models[stable])
-    metrics = Metrics(context) if config.metrics.enabled else None
-    context.sensors.extend(s for s in (metrics, sensor) if s is not None)
+    """Run the processor; Kafka unreachable before the live path runs (a broker restarting
+    while this pod starts) starts it again with backoff, for `[kafka] start_timeout_secs`.
+    Past that, or for any other error, the error ends the start (exit 1)."""
+    deadline = time.monotonic() + config.kafka.start_timeout_secs
+    backoff = START_BACKOFF_SECS
+    while True:
+        context.health = Health()  # what an earlier attempt got to is not ready any more
+        try:
+            await _run(config, context, role, metrics, sensor, stop, running)
+            return
+        except (BrokerUnavailable, BaseExceptionGroup) as raised:
+            error = _sole_error(raised) if isinstance(raised, BaseExceptionGroup) else raised
+            left = deadline - time.monotonic()
+            if running.is_set() or not isinstance(error, BrokerUnavailable) or left < backoff:
+                raise
+            log.warning(
+                "Kafka unreachable during the start (%s); starting again in %.0f s (for %.0f s "
+                "more, [kafka] start_timeout_secs)",
+                error,
+                backoff,
+                left,
+            )
+        await anyio.sleep(backoff)
+        backoff = min(2 * backoff, MAX_START_BACKOFF_SECS)
+
+
+async def _run(
+    config: Config,
+    context: ProcessorContext,
+    role: str,
+    metrics: Metrics | None,
+    sensor: Sensor | None,
+    stop: anyio.Event,
+    running: anyio.Event,
+) -> None:
     # First contact with Kafka before anything else starts: a bad broker address or bad
     # credentials end the start with one line.
     if await prepare_topics(config) is None:

@@ -164,13 +164,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.timeout(150)
 def test_bad_starts_fail_with_one_clear_line(tmp_path: Path) -> None:
-    unreachable = run_cli("run", env={"LATTICE_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
-    assert unreachable.returncode == 1
-    assert unreachable.stderr.strip().splitlines() == [
+    refused = (
         "lattice-embed: error: admin: cannot connect to Kafka at 127.0.0.1:1 (unreachable, or "
         "its TLS/SASL settings refused ours): KafkaConnectionError: "
         "Unable to bootstrap from [('127.0.0.1', 1, <AddressFamily.AF_INET: 2>)]"
-    ]
+    )
+    no_wait = {"LATTICE_BOOTSTRAP_SERVERS": "127.0.0.1:1", "LATTICE_KAFKA_START_TIMEOUT_SECS": "0"}
+    unreachable = run_cli("run", env=no_wait)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip().splitlines() == [refused]
+    began = time.monotonic()
+    waited = run_cli("run", env={**no_wait, "LATTICE_KAFKA_START_TIMEOUT_SECS": "2"})
+    assert waited.returncode == 1 and time.monotonic() - began >= 1.0
+    lines = waited.stderr.strip().splitlines()
+    assert lines[-1] == refused
+    assert "Kafka unreachable during the start" in waited.stderr and "starting again in 1 s" in (
+        waited.stderr
+    ), lines
     unknown = run_cli("run", env={"LATTICE_ROUTING_STABLE_MODEL": "bge-small"})
     assert unknown.returncode == 2
     assert unknown.stderr == (
