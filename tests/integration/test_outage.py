@@ -4,6 +4,7 @@ says 503 while Kafka is away and 200 once it is back, and nothing is lost (issue
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from schemas.routing import RoutingPhase
 from stream.config import Config, load_config
 from stream.ops.operator import send_command
 from tests.integration.conftest import write_config
+from tests.integration.test_lifecycle import processor_process
 from tests.integration.test_metrics import get
 from tests.integration.test_migration import (
     PARTITIONS,
@@ -23,7 +25,15 @@ from tests.integration.test_migration import (
     start,
 )
 from tests.integration.test_migration_load import quarter_load
-from tests.support.kafka import OwnBroker, create_topic, end_offsets, produce, unique
+from tests.support.kafka import (
+    OwnBroker,
+    atom_value,
+    collect,
+    create_topic,
+    end_offsets,
+    produce,
+    unique,
+)
 from tests.support.processor import processor, wait_for_routing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.slow]
@@ -121,3 +131,47 @@ async def test_a_two_minute_outage_during_a_migration_loses_nothing(
         )
     finally:
         await broker.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_a_processor_that_starts_while_kafka_is_down_waits_for_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The 4.x fault run's failure: a processor started as the broker went down exited 1."""
+    broker = OwnBroker(tmp_path / "kafka")
+    atoms = unique("atoms")
+    path = write_config(
+        tmp_path, broker.bootstrap, models={"tiny": tiny_model}, stable="tiny", atoms=atoms
+    )
+    config = load_config(path, {})
+    with processor_process(path) as child:
+        with anyio.fail_after(120):
+            while "Kafka unreachable during the start" not in _log_of(path):
+                assert child.poll() is None, _log_of(path)[-3000:]
+                await anyio.sleep(0.2)  # polls the child's log: nothing to await across processes
+        await broker.start()
+        try:
+            await create_topic(broker.bootstrap, atoms, partitions=1)
+            await produce(
+                broker.bootstrap,
+                atoms,
+                [(f"d-{i}".encode(), atom_value(f"d-{i}", f"atom {i}")) for i in range(50)],
+            )
+            out = await collect(
+                broker.bootstrap,
+                config.topics.embeddings("tiny"),
+                lambda records: len({r.key for r in records}) >= 50,
+                within=120,
+                alive=lambda: child.poll() is None,
+            )
+            assert {r.key for r in out} == {f"d-{i}".encode() for i in range(50)}
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(timeout=60) == 0
+        finally:
+            await broker.stop()
+
+
+def _log_of(config_path: Path) -> str:
+    """The log of the processor started on `config_path` (`processor_process` names it)."""
+    logs = sorted(config_path.parent.glob(f"{config_path.stem}.*.log"))
+    return logs[-1].read_text(errors="replace") if logs else ""
