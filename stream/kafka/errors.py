@@ -97,8 +97,12 @@ def send_error(exc: BaseException, topic: str, bootstrap_servers: str) -> Lattic
 
 
 def is_client_error(exc: BaseException) -> bool:
-    """Whether `exc` comes from the Kafka client (so `classify` applies to it)."""
-    return isinstance(exc, kafka.KafkaError)
+    """Whether `exc` comes from the Kafka client (so `classify` applies to it).
+
+    `IllegalOperation` is not a `KafkaError`, but a send raises it when the transaction it
+    belonged to is gone under it (a zombie's window whose producer a rebalance released):
+    that send failed, and a retry of the window on the current producer may succeed."""
+    return isinstance(exc, kafka.KafkaError | kafka.IllegalOperation)
 
 
 @contextlib.asynccontextmanager

@@ -88,6 +88,8 @@ class LiveConsumer:
         )
         self._live_rate = RateEstimate(INITIAL_LIVE_SECS_PER_ATOM)
         self._backoff = INITIAL_BACKOFF_SECS
+        self._window_generation = 0  # the rebalance generation of the window's fetch
+        self._resume_needed = False  # a failed window spanned a rebalance (see `_rewind`)
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first.
@@ -119,6 +121,15 @@ class LiveConsumer:
                     max_atoms=window_atoms,
                 )
             generation = await self.rebalance.settled()
+            if self._resume_needed:
+                self._resume_needed = False
+                found = await self.offsets.resume_from_committed(self._consumer.assignment())
+                log.info(
+                    "a window that failed spanned a rebalance: reading again from the "
+                    "committed offsets %s",
+                    found,
+                )
+            self._window_generation = generation
             records = await self._fetch_window(stop, window_atoms, wait=not pending)
             if self.rebalance.generation != generation:
                 # A rebalance ran during the fetch: some records may belong to partitions
@@ -149,13 +160,13 @@ class LiveConsumer:
                     # An outage: the window is redone once Kafka answers.
                     log.warning("Kafka unreachable during a window (%s); redone", exc)
                     await self._abort(records)
-                    self.offsets.rewind(records)
+                    self._rewind(records)
                     await self._back_off()
                 except ProducerFencedError as exc:
                     # A zombie: the partitions' new owner fenced this instance's producers.
                     log.error("exactly-once: %s; this instance no longer owns them", exc)
                     await self._fenced({r.partition for r in records})
-                    self.offsets.rewind(records)
+                    self._rewind(records)
                     await self._back_off()  # until the group rejoins and says who owns what
 
     async def _live_window(self, records: Sequence[SourceRecord]) -> None:
@@ -178,7 +189,7 @@ class LiveConsumer:
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
             await self._abort(records)
-            self.offsets.rewind(records)
+            self._rewind(records)
             await self._back_off()
             return
         self._backoff = INITIAL_BACKOFF_SECS
@@ -219,8 +230,18 @@ class LiveConsumer:
                 failed += [r for r in records if r.partition == partition]
             else:
                 committed[partition] = end
-        self.offsets.rewind(failed)
+        self._rewind(failed)
         self.offsets.committed(committed)
+
+    def _rewind(self, records: Sequence[SourceRecord]) -> None:
+        """Read a failed window's records again. If a rebalance ran since they were fetched,
+        the rebalance reset the positions and another owner may have committed past them
+        meanwhile (a zombie's window): reading resumes from the committed offsets instead,
+        before the next fetch."""
+        if self.rebalance.generation != self._window_generation:
+            self._resume_needed = True
+            return
+        self.offsets.rewind(records)
 
     async def _fenced(self, partitions: set[int] | list[int]) -> None:
         """A producer was fenced: this instance's session expired and its partitions moved,

@@ -14,7 +14,7 @@ from stream.errors import (
     RecordRejected,
     SendFailed,
 )
-from stream.kafka.errors import classify, send_error
+from stream.kafka.errors import classify, is_client_error, send_error
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -56,3 +56,12 @@ def test_authorization_says_who_refused() -> None:
 def test_send_errors_say_whether_a_retry_can_help(error: Exception, expected: type) -> None:
     classified = send_error(error, "embeddings.a", "k1:9092")
     assert type(classified) is expected and "embeddings.a" in str(classified)
+
+
+def test_a_send_whose_transaction_is_gone_is_a_client_error_that_a_retry_may_fix() -> None:
+    """The CI failure of this session: a zombie's window sent on a producer that the
+    rebalance had released, and the unclassified `IllegalOperation` ended the process."""
+    error = kafka.IllegalOperation("Can't send messages while not in transaction")
+    assert is_client_error(error)
+    classified = send_error(error, "embeddings.a", "k1:9092")
+    assert type(classified) is SendFailed and "not in transaction" in str(classified)
