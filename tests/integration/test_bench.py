@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,41 +16,41 @@ from tests.support.kafka import unique
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 
+async def run_bench(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """`lattice-embed bench ARGS` as a child process (its output captured, any exit status)."""
+    return await anyio.run_process(
+        [sys.executable, "-m", "stream.ops.cli", "bench", *args], check=False
+    )
+
+
 @pytest.mark.timeout(240)
 async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: Path) -> None:
     _, path = migration_config(unique("atoms"))
     out = tmp_path / "bench"
-    done = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.ops.cli",
-            "bench",
-            "--config",
-            str(path),
-            "--workloads",
-            "short,mixed",
-            "--atoms",
-            "24",
-            "--runs",
-            "2",
-            "--load-secs",
-            "2",
-            "--dual",
-            "tinyb",
-            "--backfill-latency",
-            "tinyb",
-            "--live-rate",
-            "20",
-            "--memory",
-            "300",
-            "--pipeline",
-            "--pipeline-atoms",
-            "64",
-            "--out",
-            str(out),
-        ],
-        check=False,
+    done = await run_bench(
+        "--config",
+        str(path),
+        "--workloads",
+        "short,mixed",
+        "--atoms",
+        "24",
+        "--runs",
+        "2",
+        "--load-secs",
+        "2",
+        "--dual",
+        "tinyb",
+        "--backfill-latency",
+        "tinyb",
+        "--live-rate",
+        "20",
+        "--memory",
+        "300",
+        "--pipeline",
+        "--pipeline-atoms",
+        "64",
+        "--out",
+        str(out),
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads((out / "bench.json").read_text())
@@ -92,25 +93,18 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
 async def test_bench_serve_reports_each_concurrency_level(make_config: Any, tmp_path: Path) -> None:
     _, path = make_config(unique("atoms"))
     out = tmp_path / "bench"
-    done = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.ops.cli",
-            "bench",
-            "--config",
-            str(path),
-            "--workloads",
-            "none",
-            "--serve",
-            "--serve-requests",
-            "32",
-            "--serve-secs",
-            "10",
-            "--out",
-            str(out),
-        ],
-        check=False,
+    done = await run_bench(
+        "--config",
+        str(path),
+        "--workloads",
+        "none",
+        "--serve",
+        "--serve-requests",
+        "32",
+        "--serve-secs",
+        "10",
+        "--out",
+        str(out),
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     serve = json.loads((out / "bench.json").read_text())["serve"]
@@ -131,24 +125,17 @@ async def test_bench_workers_scaling_reports_each_worker_count(
 ) -> None:
     _, path = make_config(unique("atoms"))
     out = tmp_path / "bench"
-    done = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "stream.ops.cli",
-            "bench",
-            "--config",
-            str(path),
-            "--workloads",
-            "none",
-            "--workers-scaling",
-            "1,2",
-            "--workers-atoms",
-            "1500",
-            "--out",
-            str(out),
-        ],
-        check=False,
+    done = await run_bench(
+        "--config",
+        str(path),
+        "--workloads",
+        "none",
+        "--workers-scaling",
+        "1,2",
+        "--workers-atoms",
+        "1500",
+        "--out",
+        str(out),
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     scaling = json.loads((out / "bench.json").read_text())["workers_scaling"]
