@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -154,6 +154,60 @@ class OutputProducer:
         # errors are expected, so mark them retrieved (no "exception never retrieved").
         future.add_done_callback(_retrieve)
         return Ack(future, topic, self, self._generation)
+
+    async def send_batches(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[Ack, list[int]]]:
+        """Enqueue `records` for `topic` as one batch per partition (more when a batch
+        fills), each on the partition `send` would choose for its key, in order. Each `Ack`
+        covers the indexes into `records` listed with it: one future per batch, not per
+        record. A batch the broker refuses (`RecordRejected`) does not say which record
+        it was; send those records one by one to find out."""
+        try:
+            await self._producer.partitions_for(topic)  # metadata, for the partitioner
+            by_partition: dict[int, list[int]] = {}
+            for index, record in enumerate(records):
+                # The producer's own partitioner, as `send` uses it (Java-compatible murmur2).
+                partition = self._producer._partition(
+                    topic, None, record.key, record.value, record.key, record.value
+                )
+                by_partition.setdefault(partition, []).append(index)
+            acks: list[tuple[Ack, list[int]]] = []
+            for partition, indexes in by_partition.items():
+                batch, held = self._producer.create_batch(), list[int]()
+                for index in indexes:
+                    record = records[index]
+                    while not self._append(batch, record):  # full: send it, start another
+                        acks.append(await self._submit(batch, topic, partition, held))
+                        batch, held = self._producer.create_batch(), []
+                    held.append(index)
+                acks.append(await self._submit(batch, topic, partition, held))
+        except Exception as exc:
+            if is_client_error(exc):
+                await self._replace_if_broken(exc, self._generation)
+                raise send_error(exc, topic, self._kafka.bootstrap_servers) from exc
+            raise
+        return acks
+
+    @staticmethod
+    def _append(batch: Any, record: OutRecord) -> bool:
+        """Add `record` to `batch`; False when the batch is full (its first record always
+        fits, whatever its size: the broker judges that one)."""
+        appended = batch.append(
+            key=record.key,
+            value=record.value,
+            timestamp=record.timestamp_ms,
+            headers=record.headers,
+        )
+        return appended is not None
+
+    async def _submit(
+        self, batch: Any, topic: str, partition: int, indexes: list[int]
+    ) -> tuple[Ack, list[int]]:
+        batch.close()  # nothing of `send` joins it: its records are exactly `indexes`
+        future = await self._producer.send_batch(batch, topic, partition=partition)
+        future.add_done_callback(_retrieve)
+        return Ack(future, topic, self, self._generation), indexes
 
     async def flush(self) -> None:
         """Wait until every record sent so far has been delivered (or failed)."""

@@ -20,6 +20,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -95,6 +96,35 @@ class LetterLedger:
             del self._written[key]
 
 
+class RefusedRecords:
+    """Input records whose outputs went in a batch the broker refused: their window's
+    retry sends one record at a time. Bounded like `LetterLedger` (a window succeeds or
+    keeps failing; either way its entries go)."""
+
+    def __init__(self, limit: int = LETTER_LEDGER_MAX) -> None:
+        self._records: dict[tuple[str, int, int], None] = {}
+        self._limit = limit
+
+    def add(self, records: Sequence[SourceRecord]) -> None:
+        """Remember `records` (the oldest go past the limit)."""
+        for r in records:
+            self._records[r.topic, r.partition, r.offset] = None
+        while len(self._records) > self._limit:
+            del self._records[next(iter(self._records))]
+
+    def any_of(self, records: Sequence[SourceRecord]) -> bool:
+        """Whether any of `records` was in a refused batch."""
+        return bool(self._records) and any(
+            (r.topic, r.partition, r.offset) in self._records for r in records
+        )
+
+    def forget(self, records: Sequence[SourceRecord]) -> None:
+        """Drop `records` (their window succeeded)."""
+        if self._records:
+            for r in records:
+                self._records.pop((r.topic, r.partition, r.offset), None)
+
+
 class RetryWindow(Exception):
     """A transient produce failure: the window must be processed again from its start."""
 
@@ -116,10 +146,13 @@ class Window:
         producer_for: Callable[[int], OutputProducer],
         stats: ProcessorStats,
         ledger: LetterLedger | None = None,
+        batched: bool = True,
     ) -> None:
         """`producer_for(partition)`: the producer for the outputs of an input partition
         (one for all; in exactly-once mode, that partition's transactional producer).
-        `ledger`: dead letters an earlier try of these records wrote (None: exactly-once)."""
+        `ledger`: dead letters an earlier try of these records wrote (None: exactly-once).
+        `batched`: outputs go as one batch per output partition (`flush`); else one send
+        per record, which tells a record the broker refuses apart from the others."""
         self.records = records
         self.path = path
         self.migration_id = migration_id
@@ -130,6 +163,14 @@ class Window:
         self._producer_for = producer_for
         self._stats = stats
         self._acks: list[tuple[Ack, int, str]] = []  # outputs: (ack, position, model)
+        # Batched outputs (`batched`): those not sent yet, per (input partition, topic), and
+        # one ack per sent partition batch with the (position, model) pairs it carries.
+        self.batched = batched
+        self._outbox: defaultdict[tuple[int, str], list[tuple[int, str, OutRecord]]] = defaultdict(
+            list
+        )
+        self._batch_acks: list[tuple[Ack, list[tuple[int, str]]]] = []
+        self.refused: list[SourceRecord] = []  # records of batches the broker refused
         # Dead letters: (ack, position, model or None, reduction), and what each one says.
         self._letter_acks: list[tuple[Ack, int, str | None, int]] = []
         self._letters: dict[tuple[int, str | None], tuple[Stage, str, str]] = {}
@@ -198,10 +239,14 @@ class Window:
                 atom_id=event.atom_id, model=model, source=source, fingerprint=embedder.fingerprint
             )
             self._stats.tombstones[model] += 1
+        topic = self._config.topics.embeddings(model)
+        if self.batched:
+            self._outbox[record.partition, topic].append((position, model, output))
+            return
         try:
             producer = self._producer_for(record.partition)
             with cpu(self._stats.stages, "produce"):
-                ack = await producer.send(self._config.topics.embeddings(model), output)
+                ack = await producer.send(topic, output)
         except RecordRejected as exc:
             error_class = type(exc.__cause__).__name__
             await self.dead_letter(position, "produce", error_class, str(exc), model=model)
@@ -209,6 +254,33 @@ class Window:
         except SendFailed as exc:  # e.g. no metadata for the topic in time: transient
             raise RetryWindow(str(exc)) from exc
         self._acks.append((ack, position, model))
+
+    async def flush(self) -> None:
+        """Send the buffered outputs, one batch per output partition and producer, in the
+        order they were emitted (so each key's records stay in input order)."""
+        outbox, self._outbox = self._outbox, defaultdict(list)
+        for (partition, topic), outputs in outbox.items():
+            try:
+                with cpu(self._stats.stages, "produce"):
+                    sent = await self._producer_for(partition).send_batches(
+                        topic, [output for _, _, output in outputs]
+                    )
+            except RecordRejected as exc:
+                self._refuse([position for position, _, _ in outputs], exc)
+            except SendFailed as exc:
+                raise RetryWindow(str(exc)) from exc
+            for ack, indexes in sent:
+                self._batch_acks.append((ack, [outputs[i][:2] for i in indexes]))
+
+    def _refuse(self, positions: Sequence[int], exc: RecordRejected) -> NoReturn:
+        """The broker refused a batch: the window is retried with one send per record, so
+        that only the record it refuses becomes a dead letter. (Sending those records again
+        now would put them after later batches of the same keys.)"""
+        self.refused = [self.records[p] for p in sorted(set(positions))]
+        raise RetryWindow(
+            f"a batch of {len(self.refused)} outputs was refused ({exc}); the window is "
+            "retried with one send per record"
+        ) from exc
 
     async def dead_letter(
         self,
@@ -293,6 +365,15 @@ class Window:
     async def settle(self) -> None:
         """Wait for every send; record-specific failures become dead letters (a refused dead
         letter goes again reduced), others retry the window."""
+        await self.flush()
+        batches, self._batch_acks = self._batch_acks, []
+        for batch, items in batches:
+            try:
+                await batch
+            except RecordRejected as exc:
+                self._refuse([position for position, _ in items], exc)
+            except SendFailed as exc:
+                raise RetryWindow(str(exc)) from exc
         while self._acks or self._letter_acks:
             acks, self._acks = self._acks, []
             for ack, position, model in acks:
@@ -344,6 +425,7 @@ class _ModelOutputs:
             position = self._live[index]
             vector = self.vectors.pop(position, None)
             await self._window.emit(position, self.model, self.embedder, vector)
+        await self._window.flush()
 
 
 # One model's work over a window: its text positions, tokens and micro-batch plan.
@@ -369,6 +451,9 @@ class WindowProcessor:
         # Per model: inputs failed alone in a row since its last success (any window).
         self._failed_in_a_row: dict[str, int] = defaultdict(int)
         self.letters = LetterLedger()
+        # Input records a refused batch carried: their windows go one send per record until
+        # they succeed (see `Window.flush`).
+        self._alone = RefusedRecords()
 
     async def process(
         self,
@@ -388,22 +473,36 @@ class WindowProcessor:
         `TARGET_FAILING_INPUTS` inputs in a row alone: the model is broken, not the inputs,
         so the caller fails the migration instead of dead-lettering every input for it.
         """
-        window = Window(
-            records,
-            path=path,
-            migration_id=migration_id,
-            config=self._config,
-            producer_for=producer_for or (lambda _: self._producer),
-            stats=self.stats,
-            # Only transactions pass `producer_for`; an aborted one wrote no dead letter.
-            ledger=self.letters if producer_for is None else None,
-        )
-        try:
-            await self._process(window, write_models, target)
-        except Exception:
-            await window.keep_letters()
-            raise
+        batched = not self._alone.any_of(records)
+        while True:
+            window = Window(
+                records,
+                path=path,
+                migration_id=migration_id,
+                config=self._config,
+                producer_for=producer_for or (lambda _: self._producer),
+                stats=self.stats,
+                # Only transactions pass `producer_for`; an aborted one wrote no dead letter.
+                ledger=self.letters if producer_for is None else None,
+                batched=batched,
+            )
+            try:
+                await self._process(window, write_models, target)
+            except Exception as exc:
+                await window.keep_letters()
+                if not (isinstance(exc, RetryWindow) and window.refused):
+                    raise
+                if producer_for is not None:  # a transaction: aborted first, by the caller
+                    self._alone.add(window.refused)
+                    raise
+                # At-least-once: again at once, one send per record (what the refused
+                # batches' neighbours wrote is written again, in order).
+                log.warning("%s", exc)
+                batched = False
+                continue
+            break
         self.letters.forget(records)
+        self._alone.forget(records)
 
     async def _process(
         self, window: Window, write_models: Sequence[str], target: str | None

@@ -45,6 +45,7 @@ class FakeProducer:
     # Records to a topic over its size (key + value + headers) are refused at the ack, as a
     # broker refuses one over the topic's max.message.bytes.
     max_bytes: dict[str, int] = field(default_factory=dict)
+    batches: int = 0  # calls of `send_batches`
 
     async def __aenter__(self) -> FakeProducer:
         return self
@@ -62,6 +63,23 @@ class FakeProducer:
         self.sent.append((topic, record))
         errors = self.fail_ack.get(topic)
         return FakeAck(len(self.sent) - 1, errors.pop(0) if errors else None)
+
+    async def send_batches(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[FakeAck, list[int]]]:
+        """One batch for all of `records` (one partition): a record over `max_bytes`
+        fails the whole batch at its ack, and none of it is written, as a broker does."""
+        if topic in self.fail:
+            raise self.fail[topic]
+        self.batches += 1
+        limit = self.max_bytes.get(topic)
+        if limit is not None and any(record_bytes(r) > limit for r in records):
+            too_large = RecordRejected(f"send to {topic}: the broker refused the batch (fake)")
+            return [(FakeAck(-1, too_large), list(range(len(records))))]
+        self.sent.extend((topic, record) for record in records)
+        errors = self.fail_ack.get(topic)
+        ack = FakeAck(len(self.sent) - len(records), errors.pop(0) if errors else None)
+        return [(ack, list(range(len(records))))]
 
     async def flush(self) -> None:
         return None

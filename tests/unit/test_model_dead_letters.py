@@ -22,8 +22,8 @@ from stream.embed.pool import ModelPool
 from stream.errors import RecordRejected, TargetFailing
 from stream.processor.inference import Inference
 from stream.processor.sensors import ProcessorStats, Sensor
-from stream.processor.window import TARGET_FAILING_INPUTS, WindowProcessor
-from tests.support.fakes import FakeProducer, source
+from stream.processor.window import TARGET_FAILING_INPUTS, RetryWindow, WindowProcessor
+from tests.support.fakes import FakeProducer, record_bytes, source
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -170,11 +170,52 @@ async def test_an_output_the_broker_refuses_is_dead_for_its_model_only(
         (0, "produce", "b"),
         (1, "produce", "b"),
     ]
-    at_ack = FakeProducer(fail_ack={"embeddings.b": [RecordRejected("record too large")]})
+    # Refused at the ack (over the topic's size): the batch first, then the record alone.
+    at_ack = FakeProducer(max_bytes={"embeddings.b": 1})
     processor = make_processor(tiny_model, tiny_model_b, at_ack, on_overlong="truncate")
     await processor.process([created(0, "k", SHORT)], ("a", "b"), None)
-    assert offsets(at_ack, "a") == [0] and offsets(at_ack, "b") == [0]  # sent, then refused
+    # a's output is written by the batched try and again by the one-by-one retry, in order.
+    assert offsets(at_ack, "a") == [0, 0] and offsets(at_ack, "b") == []
     assert [(d.offset, d.stage, d.model) for d in letters(at_ack)] == [(0, "produce", "b")]
+
+
+async def test_outputs_go_in_one_batch_per_model_and_a_refused_batch_finds_its_record(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer()
+    processor = make_processor(tiny_model, tiny_model_b, producer, on_overlong="truncate")
+    records = [created(i, f"k{i}", f"text {i}") for i in range(8)]
+    await processor.process(records, ("a", "b"), None)
+    # Micro-batches of 4: two batches per model, one per released micro-batch.
+    assert producer.batches == 4
+    assert offsets(producer, "a") == offsets(producer, "b") == list(range(8))
+    # One output too large for b, among eight: only that one is a dead letter.
+    limit = max(record_bytes(r) for t, r in producer.sent if t == "embeddings.b") + 100
+    refusing = FakeProducer(max_bytes={"embeddings.b": limit})
+    processor = make_processor(tiny_model, tiny_model_b, refusing, on_overlong="truncate")
+    big = {"type": "atom.created", "atom_id": "k3", "text": "t", "metadata": {"m": "x" * limit}}
+    records[3] = source("atoms", 0, 3, b"k3", msgspec.json.encode(big))
+    await processor.process(records, ("a", "b"), None)
+    # Batches the broker took before the refusal are written again by the retry.
+    assert sorted(set(offsets(refusing, "b"))) == [0, 1, 2, 4, 5, 6, 7]
+    assert [(d.offset, d.stage, d.model) for d in letters(refusing)] == [(3, "produce", "b")]
+
+
+async def test_a_refused_batch_in_a_transaction_retries_the_window_one_by_one(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer(max_bytes={"embeddings.b": 1})
+    processor = make_processor(tiny_model, tiny_model_b, producer, on_overlong="truncate")
+    records = [created(0, "k", SHORT), created(1, "j", SHORT)]
+    with pytest.raises(RetryWindow, match="retried with one send per record"):
+        await processor.process(records, ("a", "b"), None, producer_for=lambda _: producer)
+    assert letters(producer) == []  # the caller aborts the transaction, then retries
+    batches = producer.batches
+    await processor.process(records, ("a", "b"), None, producer_for=lambda _: producer)
+    assert producer.batches == batches, "the retry sends one record at a time"
+    assert [(d.offset, d.model) for d in letters(producer)] == [(0, "b"), (1, "b")]
+    await processor.process(records, ("a", "b"), None, producer_for=lambda _: producer)
+    assert producer.batches > batches, "once the window succeeded, batches again"
 
 
 async def test_backfill_dead_letters_name_the_target(tiny_model: Path, tiny_model_b: Path) -> None:
