@@ -11,6 +11,7 @@ from collections.abc import Callable
 import anyio
 
 from stream.config import Config
+from stream.embed.cores import usable_cores
 from stream.embed.embedder import Embedder, check_model_source
 from stream.embed.fingerprint import model_directory, model_fingerprint
 from stream.errors import FingerprintMismatch, ModelLoadError
@@ -74,7 +75,11 @@ class ModelPool:
             return self._loaded[name]
         async with self._lock:
             if name not in self._loaded:
+                # Unset: one thread per usable core, a container's CPU quota included
+                # (torch alone counts the machine's cores).
                 threads = self._config.runtime.torch_threads
+                if threads is None and self._config.runtime.device == "cpu":
+                    threads = await anyio.to_thread.run_sync(usable_cores)  # reads cgroup files
                 if threads is not None:
                     import torch
 

@@ -14,7 +14,8 @@ The supervisor only starts, signals and restarts processes:
   configuration, which a restart cannot fix), the others are stopped and the supervisor exits
   with that status.
 - Per worker: `kafka.client_id` gets `-w<i>`, the metrics port is `port + i` (each picks a free
-  one when the port is 0), and on a CPU `runtime.torch_threads` defaults to the cores / N.
+  one when the port is 0), and on a CPU `runtime.torch_threads` defaults to the usable cores
+  (affinity, capped by a container's CPU quota) / N.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from stream.config import Config
+from stream.embed.cores import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def default_workers(config: Config, cpus: int | None = None) -> int:
     tokenize, produce) needs a core of its own."""
     if not config.runtime.device.startswith("cuda"):
         return 1
-    return max(1, min(MAX_AUTO_GPU_WORKERS, (cpus or _usable_cores()) // 2))
+    return max(1, min(MAX_AUTO_GPU_WORKERS, (cpus or usable_cores()) // 2))
 
 
 def worker_environment(
@@ -61,17 +63,8 @@ def worker_environment(
     if config.metrics.enabled and config.metrics.port != 0:
         env["LATTICE_METRICS_PORT"] = str(config.metrics.port + index)
     if config.runtime.torch_threads is None and not config.runtime.device.startswith("cuda"):
-        env["LATTICE_RUNTIME_TORCH_THREADS"] = str(max(1, (cpus or _usable_cores()) // workers))
+        env["LATTICE_RUNTIME_TORCH_THREADS"] = str(max(1, (cpus or usable_cores()) // workers))
     return env
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity; a container's CPU quota is not
-    seen, so set `--workers` explicitly under one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
