@@ -40,6 +40,7 @@ from stream.kafka.admin import Admin, TopicSpec
 from stream.kafka.consumer import commit_group_offsets
 from stream.kafka.reader import PartitionReader
 from stream.ops.operator import send_command
+from stream.ops.workers import worker_environment
 from stream.processor.app import run_processor
 from stream.processor.control import ControlPlane
 from stream.tools.bench import end_to_end, fresh_run
@@ -153,7 +154,10 @@ async def scale_migration(
             with anyio.move_on_after(max(0.0, due - time.monotonic())):
                 await stop_load.wait()  # pacing of the offered load, not a condition wait
 
-    env = instance_env(config)
+    # Two processes on one host: each gets half the cores for torch (as `--workers 2` does),
+    # or the model threads of both spin against each other (`stream/embed/cores.py`).
+    env = {**instance_env(config), **worker_environment(config, 0, 2, {})}
+    env.pop("LATTICE_KAFKA_CLIENT_ID", None)
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(
             processor_child("a", config_path, env, workdir / "a.log", workdir / "state-a")
@@ -195,6 +199,7 @@ async def scale_migration(
                             )
                         )
                         restarted.idle_rss = second.idle_rss  # the same pod, restarted
+                        restarted.peak_rss = second.peak_rss  # its peak before the kill counts
                         instances = [first, restarted]
                     if killed_at is not None:
                         for partition, (done, total) in progress.counts.items():
