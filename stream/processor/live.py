@@ -201,6 +201,7 @@ class LiveConsumer:
                 await self._commit_transactions(records)
         await self._migration.after_window(state, records)
         seconds = time.perf_counter() - began
+        log.debug("live window: %d records in %.3fs", len(records), seconds)
         self._sensor.on_window(seconds)
         self._scheduler.record_live(seconds, time.monotonic())
         self._live_rate.observe(len(records), seconds)
@@ -348,6 +349,7 @@ class LiveConsumer:
                 await self._migration.step(state, self._consumer, self._processor, budget_secs)
             except CommitFailed as exc:  # its new owner resumes from the checkpoint
                 log.info("a partition moved during a backfill step: %s", exc)
+        log.debug("backfill step: %.3fs (budget %.3fs)", time.perf_counter() - began, budget_secs)
         self._scheduler.record_backfill(time.perf_counter() - began, time.monotonic())
 
     async def _fetch_window(

@@ -278,7 +278,20 @@ class PartitionBackfill:
             # budget buys the atoms the model can embed in it.
             spent = self._stats.embed_seconds[target] - model_secs
             embedded = [r for r in embeds if r.offset < reached]
+            estimate = self._rate.secs_per_unit
             self._rate.observe(sum(len(r.value or b"") for r in embedded), spent)
+            log.debug(
+                "backfill step %s/%d: %d records read, %d to embed, %d embedded in %.3fs of "
+                "model time (budget %.3fs at %.2e s/byte)",
+                self._work.name,
+                self.partition,
+                len(records),
+                len(embeds),
+                embedded_count,
+                spent,
+                budget_secs,
+                estimate,
+            )
         await anyio.to_thread.run_sync(lambda: self._keys.advance_emitted(reached, embedded_count))
         self._ahead = [r for r in records if r.offset >= reached]
         self._stats.backfilled_events += sum(1 for r in records if r.offset < reached)
