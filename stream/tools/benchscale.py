@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +180,9 @@ async def scale_migration(
             await send_command(config, command)
             instances = [first, second]
             killed_at: float | None = None
-            at_kill = Progress()
-            resumed: dict[int, float] = {}
+            owners: tuple[tuple[int, ...], ...] = ()
+            reassigned_at: float | None = None  # the last assignment change after the kill
+            samples: list[tuple[float, dict[int, tuple[int, int]]]] = []
             async with ControlPlane(config) as control:
                 await control.replay()
                 while True:
@@ -189,7 +190,8 @@ async def scale_migration(
                     for instance in instances:
                         instance.peak_rss = max(instance.peak_rss, instance.rss())
                     if killed_at is None and progress.fraction >= restart_at:
-                        killed_at, at_kill = time.monotonic(), progress
+                        killed_at = time.monotonic()
+                        owners = tuple(tuple(i.assigned() or ()) for i in instances)
                         result["killed_at_fraction"] = progress.fraction
                         second.process.send_signal(signal.SIGKILL)
                         await second.process.wait()
@@ -202,16 +204,16 @@ async def scale_migration(
                         restarted.peak_rss = second.peak_rss  # its peak before the kill counts
                         instances = [first, restarted]
                     if killed_at is not None:
-                        for partition, (done, total) in progress.counts.items():
-                            before = at_kill.counts.get(partition, (0, 0))
-                            moved = done > before[0] or done >= total
-                            if partition not in resumed and moved:
-                                resumed[partition] = time.monotonic() - killed_at
+                        now = time.monotonic()
+                        samples.append((now, dict(progress.counts)))
+                        seen = tuple(tuple(i.assigned() or ()) for i in instances)
+                        if seen != owners:
+                            owners, reassigned_at = seen, now
                     if progress.phase is RoutingPhase.ROLLBACK_WINDOW:
                         break
                     await anyio.sleep(POLL_SECS)  # period of the progress and RSS probes
             result["migration_secs"] = time.monotonic() - migration_began
-            result["resume_secs"] = max(resumed.values()) if resumed else float("nan")
+            result["resume_secs"] = resume_secs(killed_at, reassigned_at, samples)
             result["backfill_total"] = float(progress.total or 0)
             stop_load.set()
         result["live_events"] = float(live_events)
@@ -309,6 +311,35 @@ async def _wait_assigned(instances: list[Instance], within: float = 600.0) -> No
             if all(assigned) and sum(len(a or []) for a in assigned) == PARTITIONS:
                 return
             await anyio.sleep(POLL_SECS)  # period of the log probe
+
+
+def resume_secs(
+    killed_at: float | None,
+    reassigned_at: float | None,
+    samples: Sequence[tuple[float, Mapping[int, tuple[int, int]]]],
+) -> float:
+    """Seconds from the kill until every partition that was unfinished when the partitions
+    were last reassigned has progressed under its new owner (NaN: never, or no kill).
+
+    `samples` are (time, {partition: (done, total)}) from the control log after the kill.
+    Progress that an old owner made between the kill and the last reassignment does not
+    count: a partition resumes when its final owner moves it on."""
+    if killed_at is None or reassigned_at is None:
+        return float("nan")
+    before = [counts for at, counts in samples if at <= reassigned_at]
+    base = before[-1] if before else {}
+    waiting = {p for p, (done, total) in base.items() if done < total}
+    resumed: dict[int, float] = {}
+    for at, counts in samples:
+        if at <= reassigned_at:
+            continue
+        for partition in waiting - resumed.keys():
+            done, total = counts.get(partition, (0, 0))
+            if done > base[partition][0] or done >= total:
+                resumed[partition] = at - killed_at
+    if resumed.keys() != waiting:
+        return float("nan")
+    return max(resumed.values(), default=reassigned_at - killed_at)
 
 
 def instance_env(config: Config) -> dict[str, str]:
