@@ -18,6 +18,7 @@ from stream.kafka.errors import kafka_errors
 from stream.kafka.records import to_source_record
 
 FETCH_TIMEOUT_MS = 1000
+READ_FETCH_BYTES = 1024 * 1024
 METADATA_RETRY_SECS = 0.2
 
 
@@ -28,7 +29,13 @@ class PartitionReader:
         # Range reads: a long-poll at the log end would only delay the next seek.
         self._kafka = kafka
         self._consumer: AIOKafkaConsumer = make_consumer(
-            kafka, group_id=None, fetch_max_wait_ms=fetch_max_wait_ms
+            kafka,
+            group_id=None,
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            # A range read takes a chunk at a time: a fetch need not be bigger than a chunk
+            # (Kafka still returns a larger first batch whole).
+            max_partition_fetch_bytes=READ_FETCH_BYTES,
+            fetch_max_bytes=READ_FETCH_BYTES,
         )
 
     async def __aenter__(self) -> PartitionReader:
@@ -70,11 +77,17 @@ class PartitionReader:
             return
         tp = TopicPartition(topic, partition)
         async with kafka_errors("reader", self._kafka.bootstrap_servers):
-            self._consumer.assign([tp])
-            self._consumer.seek(tp, start)
-            while await self._consumer.position(tp) < end:
+            # A read that goes on where the last one ended keeps what the client has
+            # fetched ahead (a new assignment or a seek would throw it away).
+            if self._consumer.assignment() != {tp}:
+                self._consumer.assign([tp])
+                self._consumer.seek(tp, start)
+            elif await self._consumer.position(tp) != start:
+                self._consumer.seek(tp, start)
+            while (position := await self._consumer.position(tp)) < end:
+                # Never past `end`: the position stays where the next read may begin.
                 fetched = await self._consumer.getmany(
-                    tp, timeout_ms=FETCH_TIMEOUT_MS, max_records=max_records
+                    tp, timeout_ms=FETCH_TIMEOUT_MS, max_records=min(max_records, end - position)
                 )
                 chunk = [to_source_record(m) for m in fetched.get(tp, []) if m.offset < end]
                 if chunk:
