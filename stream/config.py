@@ -51,6 +51,11 @@ class KafkaConfig(_Section, frozen=True):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     session_timeout_ms: PositiveInt = 45_000
+    # Static group membership (KIP-345): a stable id per instance, such as a StatefulSet
+    # pod's name. An instance that restarts within `session_timeout_ms` takes its own
+    # partitions back without a rebalance (its on-disk state still matches them); one that
+    # stops leaves its partitions unowned until the session times out. Unset: dynamic.
+    group_instance_id: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     max_poll_interval_ms: PositiveInt = 300_000
     request_timeout_ms: PositiveInt = 40_000
     # Longest a fetch waits at the broker for new records. Kafka answers as soon as records
@@ -123,6 +128,11 @@ class BatchingConfig(_Section, frozen=True):
     max_wait_ms: PositiveInt = 50
     micro_batch_atoms: PositiveInt = 64
     max_batch_tokens: PositiveInt = 16_384
+    # How a window's texts are split into forward passes: "cost" weighs padding against a
+    # pass's fixed cost (measured at model load, or `batch_overhead_tokens` when set, in
+    # padded-token equivalents); "buckets" groups texts of similar length (v1).
+    planner: Literal["cost", "buckets"] = "cost"
+    batch_overhead_tokens: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
     # Backfill runs in steps of about `backfill_chunk_ms` of model time between live windows
     # ([backfill] min_share says how many): a live window waits at most one step.

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.config import ModelConfig
-from stream.core.batching import plan_micro_batches
+from stream.core.batching import overhead_tokens, plan_by_cost, plan_micro_batches
 from stream.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ Vectors = npt.NDArray[np.float32]
 # process may hold several pools (a processor and `serve` side by side, as in tests and the
 # demo), so loads are serialized here.
 _LOAD_LOCK = threading.Lock()
+
+# The two batches `calibrate` times: one short text, and a full batch of medium texts.
+CALIBRATION_SMALL = (1, 16)
+CALIBRATION_LARGE = (32, 64)
+CALIBRATION_REPEATS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,8 @@ class Embedder:
         self.micro_batch_atoms = micro_batch_atoms
         self.max_batch_tokens = max_batch_tokens
         self.fingerprint: str | None = None  # set by the ModelPool that loads it
+        # A forward pass's fixed cost in padded tokens (`calibrate`); None: length buckets.
+        self.batch_overhead_tokens: float | None = None
         self._lock = threading.Lock()
         with _LOAD_LOCK:
             self._tokenizer, self._model = _load(name, config, device, dtype, compile)
@@ -129,13 +136,54 @@ class Embedder:
         with self._lock, torch.inference_mode():
             return self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
 
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Micro-batches of text indices: by estimated cost once calibrated, else buckets."""
+        if self.batch_overhead_tokens is None:
+            return plan_micro_batches(
+                lengths, max_atoms=self.micro_batch_atoms, max_tokens=self.max_batch_tokens
+            )
+        return plan_by_cost(
+            lengths,
+            max_atoms=self.micro_batch_atoms,
+            max_tokens=self.max_batch_tokens,
+            overhead_tokens=self.batch_overhead_tokens,
+        )
+
+    def calibrate(self) -> float:
+        """Time a forward pass of a short batch and of a large one on the device and set
+        `batch_overhead_tokens` from them: what the batch planner weighs padding against.
+        Each shape runs once to warm up, then the median of `CALIBRATION_REPEATS`."""
+
+        def timed(rows: int, width: int) -> tuple[int, float]:
+            ids = [[self.pad_id + 1] * width for _ in range(rows)]
+            self.embed_batch(ids)  # warm-up: first calls of a shape allocate
+            seconds = []
+            for _ in range(CALIBRATION_REPEATS):
+                began = time.perf_counter()
+                self.embed_batch(ids)
+                seconds.append(time.perf_counter() - began)
+            return rows * width, sorted(seconds)[len(seconds) // 2]
+
+        small = timed(*CALIBRATION_SMALL)
+        large = timed(*CALIBRATION_LARGE)
+        self.batch_overhead_tokens = overhead_tokens(small, large, most=self.max_batch_tokens)
+        log.info(
+            "model %s: a forward pass costs %.2f ms for %d tokens, %.2f ms for %d; "
+            "the batch planner weighs %.0f padded tokens against one more pass",
+            self.name,
+            small[1] * 1000,
+            small[0],
+            large[1] * 1000,
+            large[0],
+            self.batch_overhead_tokens,
+        )
+        return self.batch_overhead_tokens
+
     def embed_tokens(self, tokenized: Tokenized) -> tuple[Vectors, EmbedStats]:
         """Plan length-sorted micro-batches and run them; rows follow the input order."""
         started = time.perf_counter()
         lengths = tokenized.lengths
-        batches = plan_micro_batches(
-            lengths, max_atoms=self.micro_batch_atoms, max_tokens=self.max_batch_tokens
-        )
+        batches = self.plan(lengths)
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
         padded = 0
         for batch in batches:

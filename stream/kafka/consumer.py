@@ -52,7 +52,9 @@ class GroupConsumer:
     def __init__(self, kafka: KafkaConfig, topic: str, *, group_id: str) -> None:
         self.topic = topic
         self._kafka = kafka
-        self._consumer: AIOKafkaConsumer = make_consumer(kafka, group_id=group_id)
+        self._consumer: AIOKafkaConsumer = make_consumer(
+            kafka, group_id=group_id, group_instance_id=kafka.group_instance_id
+        )
 
     async def __aenter__(self) -> GroupConsumer:
         async with kafka_errors("consumer", self._kafka.bootstrap_servers):

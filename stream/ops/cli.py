@@ -261,6 +261,12 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     bench.add_argument("--scale-keys", type=int, default=200_000, help="keys for --scale (200,000)")
     bench.add_argument(
+        "--scale-static",
+        action="store_true",
+        help="--scale with static group members ([kafka] group_instance_id): the restarted "
+        "process rejoins under its old id and takes its partitions back, with its state",
+    )
+    bench.add_argument(
         "--work",
         metavar="MODEL",
         help="also backfill an update-heavy log (--work-events over --work-keys, 10%% of the "

@@ -56,6 +56,7 @@ def bench(config: Config, args: argparse.Namespace) -> int:
                     scale_target=args.scale,
                     scale_events=args.scale_events,
                     scale_keys=args.scale_keys,
+                    scale_static=args.scale_static,
                     work_target=args.work,
                     work_events=args.work_events,
                     work_keys=args.work_keys,

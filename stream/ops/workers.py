@@ -56,10 +56,13 @@ def default_workers(config: Config, cpus: int | None = None) -> int:
 def worker_environment(
     config: Config, index: int, workers: int, base: dict[str, str], cpus: int | None = None
 ) -> dict[str, str]:
-    """The environment of worker `index`: the supervisor's, plus its own client id, metrics
-    port and (on a CPU, unless set) its share of the cores for torch."""
+    """The environment of worker `index`: the supervisor's, plus its own client id (and
+    static group instance id, when set), metrics port and (on a CPU, unless set) its share
+    of the cores for torch."""
     env = dict(base)
     env["LATTICE_KAFKA_CLIENT_ID"] = f"{config.kafka.client_id}-w{index}"
+    if config.kafka.group_instance_id is not None:  # static members: one id per worker
+        env["LATTICE_KAFKA_GROUP_INSTANCE_ID"] = f"{config.kafka.group_instance_id}-w{index}"
     if config.metrics.enabled and config.metrics.port != 0:
         env["LATTICE_METRICS_PORT"] = str(config.metrics.port + index)
     if config.runtime.torch_threads is None and not config.runtime.device.startswith("cuda"):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import anyio
 
 from stream.config import BatchingConfig
-from stream.core.batching import plan_micro_batches
 from stream.embed.embedder import Embedder, Tokenized, Vectors
 from stream.processor.sensors import ProcessorStats, Sensor
 from stream.processor.stages import cpu, wall
@@ -50,13 +49,10 @@ class Inference:
 
         return await anyio.to_thread.run_sync(tokenize, limiter=self._limiter)
 
-    def plan(self, tokens: Tokenized) -> list[list[int]]:
-        """Length-bucketed micro-batches of text indices (planned once per window and model)."""
-        return plan_micro_batches(
-            tokens.lengths,
-            max_atoms=self._batching.micro_batch_atoms,
-            max_tokens=self._batching.max_batch_tokens,
-        )
+    def plan(self, embedder: Embedder, tokens: Tokenized) -> list[list[int]]:
+        """Micro-batches of text indices, planned once per window and model
+        (`Embedder.plan`: by estimated cost on the device, or by length buckets)."""
+        return embedder.plan(tokens.lengths)
 
     async def embed(self, embedder: Embedder, tokens: Tokenized, batch: list[int]) -> BatchResult:
         """Embed one micro-batch with retries; then each text alone, to isolate bad inputs."""

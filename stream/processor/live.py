@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 INITIAL_BACKOFF_SECS = 0.5
 MAX_RETRY_BACKOFF_SECS = 30.0
 IDLE_FETCH_MS = 500  # longest a fetch waits for a first record when nothing else is to do
+REFRESH_FETCH_MS = 10  # a fetch round trip to the broker, with room to spare
 MIN_WINDOW_ATOMS = 16  # a live window bounded for backfill's share still batches this many
 INITIAL_LIVE_SECS_PER_ATOM = 0.005
 
@@ -360,11 +361,18 @@ class LiveConsumer:
         batching = self._config.batching
         records: list[SourceRecord] = []
         deadline: float | None = None
+        refreshed = False
         while len(records) < window_atoms and not stop.is_set():
             if deadline is None:
                 timeout_ms = IDLE_FETCH_MS if wait else 0
             else:  # past the deadline: only what is already buffered (timeout 0)
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                if timeout_ms == 0 and not refreshed:
+                    # The client fetches a partition again only once its buffer is drained,
+                    # so what arrived while the last step ran is still on the broker: one
+                    # short wait takes the answer to the fetch that draining just started
+                    # (else those atoms wait a whole extra step).
+                    timeout_ms, refreshed = REFRESH_FETCH_MS, True
             before = len(records)
             with cpu(self._processor.stats.stages, "fetch"):  # from the buffer: no wait
                 fetched = await self._consumer.fetch(

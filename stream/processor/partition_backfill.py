@@ -159,6 +159,16 @@ class PartitionBackfill:
             keys.advance_emitted(
                 min(work.reached, self._end), max(0, work.emitted - counts.emitted)
             )
+        log.info(
+            "backfill %s partition %d: %s; keys pass at %d of [%d, %d), emission at %d",
+            work.name,
+            self.partition,
+            "resuming from the key store" if keys.checkpoint(KEYS) is not None else "no key state",
+            self._keys_reached(),
+            self._log_start,
+            self._end,
+            self._cursor(),
+        )
 
     @property
     def phase(self) -> Phase:
@@ -239,9 +249,13 @@ class PartitionBackfill:
         # step (verdicts are taken anew each step: a live write in between wins).
         ahead = [r for r in self._ahead if r.offset >= start]
         end = ahead[-1].offset + 1 if ahead else start
-        if not ahead:
-            end = min(start + EMIT_READ_RECORDS, self._end)
-            ahead = await self._read(start, end)
+        # Top the read-ahead up when what is left of it would not fill the budget: a chunk
+        # cut short by the end of a read pays a step's fixed costs for a few atoms.
+        buffered = sum(len(r.value or b"") for r in ahead) * self._rate.secs_per_unit
+        if end < self._end and (not ahead or buffered < budget_secs):
+            more = min(end + EMIT_READ_RECORDS, self._end)
+            ahead += await self._read(end, more)
+            end = more
         records = ahead
         decoded = [(r, atom_id_of(r, self._config)) for r in records]
         valid = [(r, atom_id) for r, atom_id in decoded if atom_id is not None]

@@ -104,6 +104,11 @@ class CommitWatch(Sensor):
         self.loop_cpu_at = time.thread_time()
         self.loop_cpu_seconds = 0.0  # the event loop's CPU time from assignment to `goal`
         self._committed = anyio.Event()
+        self.embedded: dict[str, int] = {}  # atoms each model embedded (successful batches)
+
+    def on_batch(self, model: str, atoms: int, seconds: float) -> None:
+        """Count what each model embedded."""
+        self.embedded[model] = self.embedded.get(model, 0) + atoms
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         """Track the highest committed offset."""
@@ -294,6 +299,7 @@ class ScaleOptions:
     scale_target: str | None = None
     scale_events: int = 1_000_000
     scale_keys: int = 200_000
+    scale_static: bool = False
     work_target: str | None = None
     work_events: int = 100_000
     work_keys: int = 20_000
@@ -432,6 +438,7 @@ async def run_bench(
             events=scale.scale_events,
             keys=scale.scale_keys,
             workdir=out / "scale",
+            static=scale.scale_static,
         )
     if serve_levels is not None:
         report["serve"] = await serve_throughput(

@@ -128,9 +128,11 @@ def format_table(report: dict[str, Any]) -> str:
         b = report["backfill_share"]
         lines.append(
             f"backfill share: capacity {b['capacity_atoms_per_sec']:.0f} atoms/s, live "
-            f"{b['live_rate']:.0f} atoms/s dual-written; backfill "
-            f"{b['backfill_atoms_per_sec']:.0f} atoms/s = {b['share_ratio']:.2f} x the spare "
-            f"{b['spare_atoms_per_sec']:.0f}; live p99 {b['busy_p99_ms']:.0f} ms under "
+            f"{b['live_rate']:.0f} atoms/s dual-written; backfill embedding "
+            f"{b.get('emit_atoms_per_sec', 0.0):.0f} atoms/s = {b['share_ratio']:.2f} x the "
+            f"spare {b['spare_atoms_per_sec']:.0f} over the second half of the load "
+            f"({b['share_ratio_overall']:.2f} x over all of it, the keys pass included); "
+            f"live p99 {b['busy_p99_ms']:.0f} ms under "
             f"backfill (idle {b['idle_p99_ms']:.0f} ms, bound {b['p99_bound_ms']:.0f} ms)"
         )
     if "memory" in report:

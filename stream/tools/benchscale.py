@@ -105,6 +105,12 @@ class Progress:
             phase=state.routing_config().phase,
         )
 
+    def left(self, partitions: Sequence[int]) -> int:
+        """Atoms backfill has still to embed in `partitions` (unknown totals count none)."""
+        return sum(
+            max(0, total - done) for p, (done, total) in self.counts.items() if p in partitions
+        )
+
     @property
     def fraction(self) -> float:
         return self.processed / self.total if self.total else 0.0
@@ -121,8 +127,10 @@ async def scale_migration(
     live_fraction: float = 0.25,
     restart_at: float = 0.8,
     workdir: Path,
+    static: bool = False,
 ) -> dict[str, float]:
-    """The million-event migration with two processes, one killed and restarted."""
+    """The million-event migration with two processes, one killed and restarted (with
+    `static`, as static group members: the restarted one rejoins under its old id)."""
     capacity = (await end_to_end(config, pool, workload_texts("mixed", 2000)))[0].atoms_per_sec
     live_rate = capacity * live_fraction
     config = fresh_run(config, "scale")
@@ -160,10 +168,14 @@ async def scale_migration(
     env.pop("LATTICE_KAFKA_CLIENT_ID", None)
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(
-            processor_child("a", config_path, env, workdir / "a.log", workdir / "state-a")
+            processor_child(
+                "a", config_path, env, workdir / "a.log", workdir / "state-a", member(static, "a")
+            )
         )
         second = await stack.enter_async_context(
-            processor_child("b", config_path, env, workdir / "b.log", workdir / "state-b")
+            processor_child(
+                "b", config_path, env, workdir / "b.log", workdir / "state-b", member(static, "b")
+            )
         )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(load)
@@ -193,16 +205,24 @@ async def scale_migration(
                         killed_at = time.monotonic()
                         owners = tuple(tuple(i.assigned() or ()) for i in instances)
                         result["killed_at_fraction"] = progress.fraction
-                        second.process.send_signal(signal.SIGKILL)
-                        await second.process.wait()
+                        # The process with the most backfill left: its partitions must resume.
+                        victim = max(instances, key=lambda i: progress.left(i.assigned() or ()))
+                        result["killed_left"] = float(progress.left(victim.assigned() or ()))
+                        victim.process.send_signal(signal.SIGKILL)
+                        await victim.process.wait()
                         restarted = await stack.enter_async_context(
                             processor_child(
-                                "b2", config_path, env, workdir / "b2.log", workdir / "state-b"
+                                f"{victim.name}2",
+                                config_path,
+                                env,
+                                workdir / f"{victim.name}2.log",
+                                workdir / f"state-{victim.name}",
+                                member(static, victim.name),
                             )
                         )
-                        restarted.idle_rss = second.idle_rss  # the same pod, restarted
-                        restarted.peak_rss = second.peak_rss  # its peak before the kill counts
-                        instances = [first, restarted]
+                        restarted.idle_rss = victim.idle_rss  # the same pod, restarted
+                        restarted.peak_rss = victim.peak_rss  # its peak before the kill counts
+                        instances = [restarted if i is victim else i for i in instances]
                     if killed_at is not None:
                         now = time.monotonic()
                         samples.append((now, dict(progress.counts)))
@@ -342,6 +362,11 @@ def resume_secs(
     return max(resumed.values(), default=reassigned_at - killed_at)
 
 
+def member(static: bool, name: str) -> str | None:
+    """The group instance id of a child named `name`: its name when static, else none."""
+    return f"bench-{name}" if static else None
+
+
 def instance_env(config: Config) -> dict[str, str]:
     """The run's topics and group as LATTICE_* overrides for the child processes."""
     topics, kafka = config.topics, config.kafka
@@ -364,12 +389,17 @@ async def processor_child(
     env: dict[str, str],
     log_path: Path,
     state_dir: Path,
+    group_instance_id: str | None = None,
     args: tuple[str, ...] = (),
 ) -> AsyncIterator[Instance]:
+    """`lattice-embed run` as a child with its own state directory (and, if given, static
+    group instance id)."""
     command = [sys.executable, "-m", "stream.ops.cli", "run", *args]
     if config_path:
         command += ["--config", config_path]
     child_env = {**os.environ, **env, "LATTICE_STATE_DIR": str(state_dir)}
+    if group_instance_id is not None:
+        child_env["LATTICE_KAFKA_GROUP_INSTANCE_ID"] = group_instance_id
     with log_path.open("wb") as log_file:
         process = await anyio.open_process(command, env=child_env, stdout=log_file, stderr=log_file)
         instance = Instance(name, process, log_path)

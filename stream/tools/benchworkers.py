@@ -53,7 +53,7 @@ async def workers_scaling(
         env = {**instance_env(run), "LATTICE_RUNTIME_DEVICE": run.runtime.device}
         args = ("--workers", str(workers))
         state = workdir / f"state-{workers}"
-        async with processor_child(f"w{workers}", config_path, env, log_path, state, args):
+        async with processor_child(f"w{workers}", config_path, env, log_path, state, args=args):
             with anyio.fail_after(JOIN_SECS):
                 await _stable(run, workers)
             began = time.perf_counter()

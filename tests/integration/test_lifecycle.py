@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,13 @@ SMALL_WINDOWS = "[batching]\nwindow_atoms = 32\nmicro_batch_atoms = 16\n"
 
 
 @contextmanager
-def processor_process(config_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`lattice-embed run [args]` as a child process; killed if the test leaves it running.
+def processor_process(
+    config_path: Path, *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`lattice-embed run [args]` as a child process (with `env` added to the test's
+    environment); killed if the test leaves it running.
 
-    Its log goes to a file next to the config and is printed when the test fails.
+    Its log goes to a file next to the config (`log_of`) and is printed when the test fails.
     """
     log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
     with open(log_path, "wb") as log_file:
@@ -50,8 +53,12 @@ def processor_process(config_path: Path, *args: str) -> Iterator[subprocess.Pope
             stdout=log_file,
             stderr=subprocess.STDOUT,
             # The tests' own knobs are no settings: the processor refuses unknown LATTICE_*.
-            env={k: v for k, v in os.environ.items() if not k.startswith("LATTICE_TEST_")},
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("LATTICE_TEST_")},
+                **(env or {}),
+            },
         )
+        _LOGS[child.pid] = log_path
         try:
             yield child
         except BaseException:
@@ -61,6 +68,14 @@ def processor_process(config_path: Path, *args: str) -> Iterator[subprocess.Pope
             if child.poll() is None:
                 child.kill()
                 child.wait(timeout=30)
+
+
+_LOGS: dict[int, Path] = {}
+
+
+def log_of(child: subprocess.Popen[bytes]) -> str:
+    """What a `processor_process` child has logged so far."""
+    return _LOGS[child.pid].read_text(errors="replace")
 
 
 def source_offsets(records: list[Any]) -> Counter[int]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stream.tools.benchscale import resume_secs
+from stream.tools.benchscale import Progress, resume_secs
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -29,3 +29,10 @@ def test_a_partition_that_never_resumes_gives_nan() -> None:
 def test_no_unfinished_partition_resumes_at_the_reassignment() -> None:
     assert resume_secs(10.0, 25.0, [(25.0, {0: (100, 100)})]) == pytest.approx(15.0)
     assert math.isnan(resume_secs(None, None, []))
+
+
+def test_atoms_left_count_only_the_given_partitions() -> None:
+    progress = Progress(counts={0: (10, 50), 1: (40, 40), 2: (0, 30)})
+    assert progress.left([0, 2]) == 70
+    assert progress.left([1]) == 0
+    assert progress.left([]) == 0

@@ -40,6 +40,13 @@ def test_each_worker_gets_its_client_id_metrics_port_and_share_of_the_cores() ->
     assert worker_environment(any_port, 1, 4, {}, cpus=8) == {
         "LATTICE_KAFKA_CLIENT_ID": "lattice-embed-w1"
     }, "port 0: each picks a free one; on a GPU torch keeps its own thread count"
+    static = msgspec.structs.replace(
+        any_port, kafka=msgspec.structs.replace(any_port.kafka, group_instance_id="pod-3")
+    )
+    assert worker_environment(static, 1, 4, {}, cpus=8) == {
+        "LATTICE_KAFKA_CLIENT_ID": "lattice-embed-w1",
+        "LATTICE_KAFKA_GROUP_INSTANCE_ID": "pod-3-w1",
+    }, "static members: each worker is its own member, stable across restarts"
 
 
 # A stand-in processor: writes its pid, exits 0 on SIGTERM, or `EXIT` when set (once
