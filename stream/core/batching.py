@@ -49,7 +49,7 @@ def plan_by_cost(
 
     A batch of `n` items whose longest has `L` tokens is estimated to cost
     `overhead_tokens + n * L`: its padded size plus a fixed cost per forward pass, counted
-    in padded-token equivalents (`BatchCost.overhead_tokens`, calibrated on the device).
+    in padded-token equivalents (`Embedder.calibrate` measures it on the device).
     Fixed-size buckets split a small window of mixed lengths into many tiny batches whose
     fixed cost dominates; this weighs that against padding. Items are sorted by length and
     split into contiguous runs by dynamic programming (exact within the cost model), with

@@ -108,9 +108,9 @@ class ModelPool:
                     self._fingerprints.pop(name, None)
                     raise
                 embedder.fingerprint = fingerprint
-                if batching.planner == "cost" and batching.batch_overhead_tokens is not None:
+                if batching.planner == "cost":  # else length buckets (overhead None)
                     embedder.batch_overhead_tokens = batching.batch_overhead_tokens
-                elif batching.planner == "cost":
-                    await anyio.to_thread.run_sync(embedder.calibrate)
+                    if embedder.batch_overhead_tokens is None:
+                        await anyio.to_thread.run_sync(embedder.calibrate)
                 self._loaded[name] = embedder
         return self._loaded[name]

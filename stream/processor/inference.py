@@ -49,11 +49,6 @@ class Inference:
 
         return await anyio.to_thread.run_sync(tokenize, limiter=self._limiter)
 
-    def plan(self, embedder: Embedder, tokens: Tokenized) -> list[list[int]]:
-        """Micro-batches of text indices, planned once per window and model
-        (`Embedder.plan`: by estimated cost on the device, or by length buckets)."""
-        return embedder.plan(tokens.lengths)
-
     async def embed(self, embedder: Embedder, tokens: Tokenized, batch: list[int]) -> BatchResult:
         """Embed one micro-batch with retries; then each text alone, to isolate bad inputs."""
         retries = self._batching.embed_retries

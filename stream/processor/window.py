@@ -486,7 +486,7 @@ class WindowProcessor:
             else:
                 self.stats.truncated[model] += len(positions_of[text])
         positions = [positions_of[text] for text in texts]
-        return model, embedder, positions, tokens, self._inference.plan(embedder, tokens)
+        return model, embedder, positions, tokens, embedder.plan(tokens.lengths)
 
     async def _infer(
         self,
