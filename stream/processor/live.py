@@ -299,7 +299,8 @@ class LiveConsumer:
         `TargetFailing`; otherwise its failures are dead letters for it alone.
         """
         migration = state.active
-        writes = state.routing_config().write_models
+        routing = state.routing_config()
+        writes = routing.write_models
         groups: dict[tuple[str, ...], list[SourceRecord]] = defaultdict(list)
         for record in records:
             groups[partition_write_models(writes, migration, record.partition)].append(record)
@@ -321,7 +322,12 @@ class LiveConsumer:
             producer_for = producers.__getitem__
         for models, group in groups.items():
             await self._processor.process(
-                group, models, migration_id, target=target, producer_for=producer_for
+                group,
+                models,
+                migration_id,
+                target=target,
+                first=routing.query_model,
+                producer_for=producer_for,
             )
 
     async def _backfill_step(self, budget_secs: float) -> None:

@@ -395,10 +395,14 @@ class WindowProcessor:
         *,
         path: EmbeddingPath = "live",
         target: str | None = None,
+        first: str | None = None,
         producer_for: Callable[[int], OutputProducer] | None = None,
     ) -> None:
         """Produce every output of `records` and wait for the acknowledgements (through
         `producer_for(input partition)` if given: exactly-once transactions).
+
+        `first`: the model embedded first (the query model: what searches read sees the
+        window's atoms while the other write models still run); else `target` is first.
 
         Raises `RetryWindow` when a send failed for a reason that a retry can fix, and
         `TargetFailing` when `target` (a migration's target, one of `write_models`) fails
@@ -419,7 +423,7 @@ class WindowProcessor:
                 batched=batched,
             )
             try:
-                await self._process(window, write_models, target)
+                await self._process(window, write_models, target, first)
             except Exception as exc:
                 await window.keep_letters()
                 if not (isinstance(exc, RetryWindow) and window.refused):
@@ -437,12 +441,25 @@ class WindowProcessor:
         self._alone.forget(records)
 
     async def _process(
-        self, window: Window, write_models: Sequence[str], target: str | None
+        self,
+        window: Window,
+        write_models: Sequence[str],
+        target: str | None,
+        first: str | None,
     ) -> None:
         await window.decode()
         embedders = [(model, await self.models.get(model)) for model in write_models]
-        jobs = [await self._job(window, model, embedder) for model, embedder in embedders]
-        jobs.sort(key=lambda job: job[0] != target)  # a failing target shows before any output
+        positions_of = window.texts()
+        tokenized: dict[str, Tokenized] = {}  # by tokenization key: once per tokenizer
+        jobs = [
+            await self._job(window, model, embedder, positions_of, tokenized)
+            for model, embedder in embedders
+        ]
+        # The query model first: its outputs are what searches wait for. (A target that fails
+        # then shows after them: the window is redone without it, those outputs written
+        # twice, at-least-once; in exactly-once mode they are aborted first.) Without one,
+        # the target first: a failing target shows before any output.
+        jobs.sort(key=lambda job: (job[0] != first, job[0] != target))
         outputs = {model: _ModelOutputs(window, model, embedder) for model, embedder in embedders}
         for model_outputs in outputs.values():  # deletes need no model: tombstones go first
             await model_outputs.finish(model_outputs.deletes())
@@ -465,11 +482,21 @@ class WindowProcessor:
                 raise AssertionError(f"window left unreleased items for model {model}")
         await window.settle()
 
-    async def _job(self, window: Window, model: str, embedder: Embedder) -> _Job:
-        """Tokenize each distinct text once and plan its micro-batches; handle overlong texts."""
-        positions_of = window.texts()
+    async def _job(
+        self,
+        window: Window,
+        model: str,
+        embedder: Embedder,
+        positions_of: dict[str, list[int]],
+        tokenized: dict[str, Tokenized],
+    ) -> _Job:
+        """Tokenize each distinct text once (once for every model with the same tokenizer:
+        `tokenized`) and plan its micro-batches; handle overlong texts."""
         texts = list(positions_of)
-        tokens = await self._inference.tokenize(embedder, texts)
+        tokens = tokenized.get(embedder.tokenization_key)
+        if tokens is None:
+            tokens = await self._inference.tokenize(embedder, texts)
+            tokenized[embedder.tokenization_key] = tokens
         for text, long in zip(texts, tokens.overlong, strict=True):
             if not long:
                 continue

@@ -127,7 +127,8 @@ def format_table(report: dict[str, Any]) -> str:
     if "backfill_share" in report:
         b = report["backfill_share"]
         lines.append(
-            f"backfill share: capacity {b['capacity_atoms_per_sec']:.0f} atoms/s, live "
+            f"backfill share: capacity {b['capacity_atoms_per_sec']:.0f} atoms/s (runs spread "
+            f"{b.get('capacity_spread', 0.0):.0%}), live "
             f"{b['live_rate']:.0f} atoms/s dual-written; backfill embedding "
             f"{b.get('emit_atoms_per_sec', 0.0):.0f} atoms/s = {b['share_ratio']:.2f} x the "
             f"spare {b['spare_atoms_per_sec']:.0f} over the second half of the load "

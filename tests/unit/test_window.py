@@ -6,6 +6,7 @@ send failures can be checked exactly; the integration tests run the real produce
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from schemas.deadletter import decode_dead_letter_headers
 from schemas.embeddings import decode_embedding
 from stream.config import Config, ModelConfig
 from stream.core.records import SourceRecord
+from stream.embed.embedder import Embedder, Tokenized
 from stream.embed.fingerprint import model_fingerprint
 from stream.embed.pool import ModelPool
 from stream.errors import RecordRejected, SendFailed
@@ -216,3 +218,30 @@ async def test_a_dead_letter_the_broker_refuses_is_written_reduced_or_given_up_o
     assert info.truncated_from == len(poison.value or b"") and len(letter.value or b"") == 1024
     assert info.headers_dropped is (reduced == 2)
     assert any(name == "trace" for name, _ in letter.headers) is (reduced == 1)
+
+
+async def test_models_with_one_tokenizer_tokenize_a_window_once(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    processor = window_processor(tiny_model, tiny_model_b, FakeProducer())
+    a, b = await processor.models.get("a"), await processor.models.get("b")
+    assert a.tokenization_key == b.tokenization_key  # both carry MiniLM's tokenizer
+    shorter = await anyio.to_thread.run_sync(
+        lambda: Embedder("short", ModelConfig(path=str(tiny_model), max_tokens=16))
+    )
+    prefixed = await anyio.to_thread.run_sync(
+        lambda: Embedder("prefixed", ModelConfig(path=str(tiny_model), document_prefix="doc: "))
+    )
+    assert len({a.tokenization_key, shorter.tokenization_key, prefixed.tokenization_key}) == 3
+    calls: list[str] = []
+    tokenize = processor._inference.tokenize
+
+    async def counted(embedder: Embedder, texts: Sequence[str]) -> Tokenized:
+        calls.append(embedder.name)
+        return await tokenize(embedder, texts)
+
+    processor._inference.tokenize = counted  # type: ignore[method-assign]
+    records = [created(i, f"k{i}", f"text number {i}") for i in range(6)]
+    await processor.process(records, ("a", "b"), None)
+    assert calls == ["a"]
+    assert processor.stats.outputs["a", "live"] == processor.stats.outputs["b", "live"] == 6
