@@ -6,6 +6,7 @@ before the model loads; the embedder carries it, so every output names what made
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import anyio
@@ -75,6 +76,11 @@ class ModelPool:
             return self._loaded[name]
         async with self._lock:
             if name not in self._loaded:
+                # Read by oneDNN when it first builds a kernel: before any model runs.
+                os.environ.setdefault(
+                    "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                    str(self._config.runtime.onednn_primitive_cache),
+                )
                 # Unset: one thread per usable core, a container's CPU quota included
                 # (torch alone counts the machine's cores).
                 threads = self._config.runtime.torch_threads
