@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from stream.config import KafkaConfig
 from stream.core.records import OutRecord
+from stream.errors import ProducerFencedError
 from stream.kafka.clients import make_producer
 from stream.kafka.errors import is_client_error, kafka_errors, needs_new_producer, send_error
 
@@ -233,8 +234,21 @@ class TransactionalProducer(OutputProducer):
         await self.abort()  # an empty transaction: nothing is sent
         return self
 
+    def _refuse_if_fatal(self, what: str) -> None:
+        """A producer that met a fatal error (fenced by a newer producer with its id, the
+        usual case) serves no transactional call again; aiokafka's own answer is an
+        AssertionError on the state transition, raised here as `ProducerFencedError`."""
+        manager = self._producer._txn_manager  # aiokafka keeps the state nowhere public
+        if manager is not None and manager.is_fatal_error():
+            self.in_transaction = False
+            raise ProducerFencedError(
+                f"{what} {self.transactional_id}: the producer met a fatal error (fenced by a "
+                "newer producer with this id) and cannot be used again"
+            )
+
     async def begin(self) -> None:
         """Open a transaction: every send until `commit` or `abort` belongs to it."""
+        self._refuse_if_fatal("begin")
         async with kafka_errors(f"begin {self.transactional_id}", self.bootstrap):
             await self._producer.begin_transaction()
         self.in_transaction = True
@@ -242,6 +256,7 @@ class TransactionalProducer(OutputProducer):
     async def commit(self, topic: str, offsets: Mapping[int, int], group_id: str) -> None:
         """Commit the sends with the consumer offsets {partition: next offset} of `topic`,
         in one transaction (what `read_committed` readers and the group then see)."""
+        self._refuse_if_fatal("commit")
         async with kafka_errors(f"commit {self.transactional_id}", self.bootstrap):
             if offsets:
                 await self._producer.send_offsets_to_transaction(
@@ -254,6 +269,7 @@ class TransactionalProducer(OutputProducer):
         """Abort the open transaction, if any: its sends are never seen by `read_committed`."""
         if not self.in_transaction:
             return
+        self._refuse_if_fatal("abort")
         self.in_transaction = False
         async with kafka_errors(f"abort {self.transactional_id}", self.bootstrap):
             await self._producer.abort_transaction()

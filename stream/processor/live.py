@@ -356,6 +356,9 @@ class LiveConsumer:
                 await self._migration.step(state, self._consumer, self._processor, budget_secs)
             except CommitFailed as exc:  # its new owner resumes from the checkpoint
                 log.info("a partition moved during a backfill step: %s", exc)
+            except ProducerFencedError as exc:  # exactly-once: the chunk's producer was fenced
+                log.error("exactly-once: backfill step: %s; this instance no longer owns it", exc)
+                await self._fenced(list(self._consumer.assignment()))
         log.debug("backfill step: %.3fs (budget %.3fs)", time.perf_counter() - began, budget_secs)
         self._scheduler.record_backfill(time.perf_counter() - began, time.monotonic())
 

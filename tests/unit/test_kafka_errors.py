@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aiokafka import errors as kafka
+from aiokafka.producer.transaction_manager import TransactionState
 
 from stream.errors import (
     BrokerUnavailable,
@@ -65,3 +66,24 @@ def test_a_send_whose_transaction_is_gone_is_a_client_error_that_a_retry_may_fix
     assert is_client_error(error)
     classified = send_error(error, "embeddings.a", "k1:9092")
     assert type(classified) is SendFailed and "not in transaction" in str(classified)
+
+
+@pytest.mark.anyio
+async def test_a_fenced_transactional_producer_refuses_every_call_with_one_clear_error() -> None:
+    from stream.config import KafkaConfig
+    from stream.kafka.producer import TransactionalProducer
+
+    producer = TransactionalProducer(KafkaConfig(bootstrap_servers="127.0.0.1:1"), "txn-1")
+    try:
+        # The state aiokafka's sender leaves when the broker says the producer is fenced.
+        producer._producer._txn_manager._transition_to(TransactionState.FATAL_ERROR)
+        producer.in_transaction = True  # a window's transaction was open
+        with pytest.raises(ProducerFencedError, match="abort txn-1: the producer met a fatal"):
+            await producer.abort()  # aiokafka itself: AssertionError on the state transition
+        assert not producer.in_transaction
+        with pytest.raises(ProducerFencedError, match="begin txn-1"):
+            await producer.begin()
+        with pytest.raises(ProducerFencedError, match="commit txn-1"):
+            await producer.commit("atoms", {0: 1}, "group")
+    finally:
+        await producer._producer.stop()
