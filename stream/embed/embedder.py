@@ -106,15 +106,10 @@ class Embedder:
         self._cut = _backend(self._tokenizer, config.max_tokens)
         # Equal for two models whose `tokenize` gives the same ids for every text (the same
         # tokenizer, window and document prefix): a dual-write window tokenizes once for both.
+        # The probe's serialized form holds its truncation at `max_tokens + 1`, so the window
+        # is in it; `_cut` is the same tokenizer one token shorter.
         self.tokenization_key = hashlib.sha256(
-            b"\0".join(
-                (
-                    self._probe.to_str().encode(),
-                    self._cut.to_str().encode(),
-                    config.document_prefix.encode(),
-                    str(config.max_tokens).encode(),
-                )
-            )
+            self._probe.to_str().encode() + b"\0" + config.document_prefix.encode()
         ).hexdigest()
         self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
         self.dim = int(self._model.config.hidden_size)
