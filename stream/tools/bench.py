@@ -105,6 +105,11 @@ class CommitWatch(Sensor):
         self.loop_cpu_seconds = 0.0  # the event loop's CPU time from assignment to `goal`
         self._committed = anyio.Event()
         self.embedded: dict[str, int] = {}  # atoms each model embedded (successful batches)
+        self.window_seconds = 0.0  # wall time of the live windows, fetch to commit
+
+    def on_window(self, seconds: float) -> None:
+        """Add up the live windows' wall time (what live traffic leaves backfill is the rest)."""
+        self.window_seconds += seconds
 
     def on_batch(self, model: str, atoms: int, seconds: float) -> None:
         """Count what each model embedded."""

@@ -54,6 +54,13 @@ async def backfill_share(
         spare_atoms_per_sec=spare,
         share_ratio=result.get("emit_atoms_per_sec", 0.0) / spare,
         share_ratio_overall=result["backfill_atoms_per_sec"] / spare,
+        # The live load as it ran, not as its rate implies: the wall time its windows took
+        # (dual-written at `c / 4`, half of it if a live window cost what a backlog's does),
+        # each live atom's window time in backlog atoms (2.0 for two models at backlog
+        # efficiency), and backfill's rate against the capacity the rest of the time holds.
+        live_cost_ratio=result.get("live_window_secs_per_atom", 0.0) * capacity,
+        share_of_time_left=result.get("emit_atoms_per_sec", 0.0)
+        / max(1e-9, capacity * (1.0 - result.get("live_busy_fraction", 1.0))),
         p99_bound_ms=2 * result["idle_p99_ms"] + config.batching.backfill_chunk_ms,
     )
     return result
@@ -104,11 +111,16 @@ async def backfill_latency(
             source_embeds = watch.embedded.get(source, 0) - before.get(source, 0)
             return watch.embedded.get(target, 0) - before.get(target, 0) - source_embeds
 
-        samples: list[tuple[float, int]] = []  # (seconds since the command, backfilled)
+        # (seconds since the command, backfilled, live windows' seconds, live atoms embedded)
+        samples: list[tuple[float, int, float, int]] = []
+
+        def take() -> tuple[float, int, float, int]:
+            live = watch.embedded.get(source, 0) - before.get(source, 0)
+            return time.monotonic() - began, backfilled(), watch.window_seconds, live
 
         async def sample() -> None:
             while True:
-                samples.append((time.monotonic() - began, backfilled()))
+                samples.append(take())
                 await anyio.sleep(0.25)  # sampling period of the embed counters
 
         async with anyio.create_task_group() as probes:
@@ -123,17 +135,21 @@ async def backfill_latency(
                 prefix="busy",
             )
             probes.cancel_scope.cancel()
-        ended, embedded = time.monotonic(), backfilled()
-        samples.append((ended - began, embedded))
-        result["backfill_atoms_per_sec"] = embedded / (ended - began)
+        samples.append(take())
+        ended, embedded = samples[-1][0], samples[-1][1]
+        result["backfill_atoms_per_sec"] = embedded / ended
         result["backfill_embedded"] = float(embedded)
         # The rate over the second half of the load: the keys pass at the start reads the
         # history without the model (2-5 s of a 20 s measurement over 60,000 atoms here).
         # (Each live window embeds with the target first, so a sample may run ahead by up
         # to one window's atoms: a few percent of the thousands counted over ten seconds.)
-        half = [(t, n) for t, n in samples if t >= samples[-1][0] / 2]
+        half = [sample for sample in samples if sample[0] >= samples[-1][0] / 2]
         if len(half) >= 2:
-            result["emit_atoms_per_sec"] = (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0])
+            (t0, n0, w0, a0), (t1, n1, w1, a1) = half[0], half[-1]
+            result["emit_atoms_per_sec"] = (n1 - n0) / (t1 - t0)
+            # What live took of the wall time meanwhile, and its cost per live atom.
+            result["live_busy_fraction"] = (w1 - w0) / (t1 - t0)
+            result["live_window_secs_per_atom"] = (w1 - w0) / max(1, a1 - a0)
         async with ControlPlane(config) as control:
             state = await control.replay()
         progress = state.migration.progress if state.migration else None

@@ -134,7 +134,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"spare {b['spare_atoms_per_sec']:.0f} over the second half of the load "
             f"({b['share_ratio_overall']:.2f} x over all of it, the keys pass included); "
             f"live p99 {b['busy_p99_ms']:.0f} ms under "
-            f"backfill (idle {b['idle_p99_ms']:.0f} ms, bound {b['p99_bound_ms']:.0f} ms)"
+            f"backfill (idle {b['idle_p99_ms']:.0f} ms, bound {b['p99_bound_ms']:.0f} ms); "
+            f"live windows took {b.get('live_busy_fraction', 0.0):.0%} of the time (a live "
+            f"atom cost {b.get('live_cost_ratio', 0.0):.2f} backlog atoms, 2.00 at backlog "
+            f"efficiency), and backfill ran at {b.get('share_of_time_left', 0.0):.2f} x the "
+            f"capacity of the time left to it"
         )
     if "memory" in report:
         m = report["memory"]

@@ -69,6 +69,9 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
     assert latency["idle_p99_ms"] > 0 and latency["busy_p99_ms"] > 0
     assert latency["p99_ratio"] == pytest.approx(latency["busy_p99_ms"] / latency["idle_p99_ms"])
     assert 0 <= latency["backfill_done"] <= latency["backfill_total"]
+    # Live windows ran during the load, and took part of its time, not more than all of it.
+    assert 0 < latency["live_busy_fraction"] <= 1.0
+    assert latency["live_window_secs_per_atom"] > 0
     memory = report["memory"]
     assert memory["atoms"] == 300 and memory["peak_rss_mib"] >= memory["baseline_rss_mib"] > 0
     assert memory["model_mib"] > 0
