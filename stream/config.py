@@ -134,7 +134,7 @@ class BatchingConfig(_Section, frozen=True):
     planner: Literal["cost", "buckets"] = "cost"
     batch_overhead_tokens: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
-    # Backfill runs in steps of about `backfill_chunk_ms` of model time between live windows
+    # Backfill runs in steps of about `backfill_chunk_ms` of wall time between live windows
     # ([backfill] min_share says how many): a live window waits at most one step.
     backfill_chunk_ms: PositiveInt = 100
     # Accepted for configs written for v1; unused since the scheduler bounds every step.

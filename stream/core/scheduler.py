@@ -19,7 +19,8 @@ parameter, and it is fed what each step really cost):
   under steady live traffic that made both paths run in slivers of a few atoms whose fixed
   costs, produce acks, commits and per-call model overhead, ate most of the capacity.)
 
-The chunk sizers turn a budget of model seconds into a number of records from a measured
+The chunk sizers turn a budget of seconds (a step's whole wall time: the live owner runs one
+step at a time, so that is what the other path waits) into a number of records from a measured
 rate (`RateEstimate`, an exponentially weighted mean of seconds per byte or per atom).
 """
 
@@ -47,7 +48,7 @@ class Step(enum.Enum):
 class Decision:
     """One scheduling decision.
 
-    `budget_secs`: for BACKFILL, the model seconds the chunk may take (size it with
+    `budget_secs`: for BACKFILL, the seconds the chunk may take (size it with
     `chunk_atoms` or `chunk_prefix`); for LIVE, the longest window that still leaves backfill
     its share (`live_cap_secs`), or None when backfill has no work (no cap); None for IDLE.
     """

@@ -359,8 +359,10 @@ class LiveConsumer:
             except ProducerFencedError as exc:  # exactly-once: the chunk's producer was fenced
                 log.error("exactly-once: backfill step: %s; this instance no longer owns it", exc)
                 await self._fenced(list(self._consumer.assignment()))
-        log.debug("backfill step: %.3fs (budget %.3fs)", time.perf_counter() - began, budget_secs)
-        self._scheduler.record_backfill(time.perf_counter() - began, time.monotonic())
+        seconds = time.perf_counter() - began
+        log.debug("backfill step: %.3fs (budget %.3fs)", seconds, budget_secs)
+        self._sensor.on_backfill_step(seconds)
+        self._scheduler.record_backfill(seconds, time.monotonic())
 
     async def _fetch_window(
         self, stop: anyio.Event, window_atoms: int, *, wait: bool

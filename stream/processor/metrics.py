@@ -168,6 +168,12 @@ class Metrics(Sensor):
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
+        self._backfill_step_seconds = Histogram(
+            "lattice_backfill_step_seconds",
+            "Seconds of one backfill or replay step (a live window waits at most one)",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
 
     def on_batch(self, model: str, atoms: int, seconds: float) -> None:
         """Observe one model call."""
@@ -177,6 +183,10 @@ class Metrics(Sensor):
     def on_window(self, seconds: float) -> None:
         """Observe one live window."""
         self._window_seconds.observe(seconds)
+
+    def on_backfill_step(self, seconds: float) -> None:
+        """Observe one backfill step."""
+        self._backfill_step_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

@@ -244,6 +244,7 @@ class PartitionBackfill:
         await anyio.to_thread.run_sync(mark)
 
     async def _emit_step(self, processor: WindowProcessor, budget_secs: float) -> None:
+        began = time.perf_counter()
         start = self._cursor()
         # Read ahead once, embed as much as the budget allows, keep the rest for the next
         # step (verdicts are taken anew each step: a live write in between wins).
@@ -288,20 +289,23 @@ class PartitionBackfill:
             else:
                 await self._emit_transaction(processor, batch, failing, reached, embedded_count)
                 committed = True
-            # The rate is the model's own (not the step's produce and ack overhead), so a
-            # budget buys the atoms the model can embed in it.
+            # The rate is the step's wall time so far (read, verdicts, tokenize, model,
+            # encode, produce and acks), not the model's alone: a live window waits for the
+            # whole step, so a budget buys the atoms a whole step can take in it.
+            elapsed = time.perf_counter() - began
             spent = self._stats.embed_seconds[target] - model_secs
             embedded = [r for r in embeds if r.offset < reached]
             estimate = self._rate.secs_per_unit
-            self._rate.observe(sum(len(r.value or b"") for r in embedded), spent)
+            self._rate.observe(sum(len(r.value or b"") for r in embedded), elapsed)
             log.debug(
-                "backfill step %s/%d: %d records read, %d to embed, %d embedded in %.3fs of "
-                "model time (budget %.3fs at %.2e s/byte)",
+                "backfill step %s/%d: %d records read, %d to embed, %d embedded in %.3fs "
+                "(%.3fs of model time; budget %.3fs at %.2e s/byte)",
                 self._work.name,
                 self.partition,
                 len(records),
                 len(embeds),
                 embedded_count,
+                elapsed,
                 spent,
                 budget_secs,
                 estimate,

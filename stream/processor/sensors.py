@@ -35,6 +35,9 @@ class Sensor:
     def on_window(self, seconds: float) -> None:
         """One live window was processed and committed in `seconds`."""
 
+    def on_backfill_step(self, seconds: float) -> None:
+        """One backfill (or replay) step ran for `seconds`: what a live window waited."""
+
     def on_broker(self, reachable: bool) -> None:
         """Kafka became unreachable (calls are being retried), or reachable again."""
 
@@ -63,6 +66,9 @@ class Sensors(Sensor):
 
     def on_window(self, seconds: float) -> None:
         self._each("on_window", seconds)
+
+    def on_backfill_step(self, seconds: float) -> None:
+        self._each("on_backfill_step", seconds)
 
     def on_broker(self, reachable: bool) -> None:
         self._each("on_broker", reachable)

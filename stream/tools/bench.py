@@ -106,10 +106,15 @@ class CommitWatch(Sensor):
         self._committed = anyio.Event()
         self.embedded: dict[str, int] = {}  # atoms each model embedded (successful batches)
         self.window_seconds = 0.0  # wall time of the live windows, fetch to commit
+        self.step_seconds: list[float] = []  # each backfill step's wall time
 
     def on_window(self, seconds: float) -> None:
         """Add up the live windows' wall time (what live traffic leaves backfill is the rest)."""
         self.window_seconds += seconds
+
+    def on_backfill_step(self, seconds: float) -> None:
+        """Keep each backfill step's wall time (what a live window waited behind it)."""
+        self.step_seconds.append(seconds)
 
     def on_batch(self, model: str, atoms: int, seconds: float) -> None:
         """Count what each model embedded."""

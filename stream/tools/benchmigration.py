@@ -62,6 +62,7 @@ async def backfill_share(
         share_of_time_left=result.get("emit_atoms_per_sec", 0.0)
         / max(1e-9, capacity * (1.0 - result.get("live_busy_fraction", 1.0))),
         p99_bound_ms=2 * result["idle_p99_ms"] + config.batching.backfill_chunk_ms,
+        step_budget_ms=float(config.batching.backfill_chunk_ms),
     )
     return result
 
@@ -150,6 +151,10 @@ async def backfill_latency(
             # What live took of the wall time meanwhile, and its cost per live atom.
             result["live_busy_fraction"] = (w1 - w0) / (t1 - t0)
             result["live_window_secs_per_atom"] = (w1 - w0) / max(1, a1 - a0)
+        steps = watch.step_seconds
+        if steps:  # each step's wall time against its budget (`backfill_chunk_ms`)
+            result["step_p50_ms"] = 1000 * float(np.percentile(steps, 50))
+            result["step_p99_ms"] = 1000 * float(np.percentile(steps, 99))
         async with ControlPlane(config) as control:
             state = await control.replay()
         progress = state.migration.progress if state.migration else None

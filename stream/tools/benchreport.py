@@ -138,7 +138,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"live windows took {b.get('live_busy_fraction', 0.0):.0%} of the time (a live "
             f"atom cost {b.get('live_cost_ratio', 0.0):.2f} backlog atoms, 2.00 at backlog "
             f"efficiency), and backfill ran at {b.get('share_of_time_left', 0.0):.2f} x the "
-            f"capacity of the time left to it"
+            f"capacity of the time left to it; backfill steps took "
+            f"{b.get('step_p50_ms', 0.0):.0f}/{b.get('step_p99_ms', 0.0):.0f} ms p50/p99 "
+            f"(budget {b.get('step_budget_ms', 0.0):.0f} ms)"
         )
     if "memory" in report:
         m = report["memory"]

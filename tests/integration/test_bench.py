@@ -72,6 +72,7 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
     # Live windows ran during the load, and took part of its time, not more than all of it.
     assert 0 < latency["live_busy_fraction"] <= 1.0
     assert latency["live_window_secs_per_atom"] > 0
+    assert 0 < latency["step_p50_ms"] <= latency["step_p99_ms"]  # backfill steps ran
     memory = report["memory"]
     assert memory["atoms"] == 300 and memory["peak_rss_mib"] >= memory["baseline_rss_mib"] > 0
     assert memory["model_mib"] > 0

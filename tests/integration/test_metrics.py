@@ -81,4 +81,5 @@ async def test_metrics_agree_with_the_run_and_readiness_waits_for_partitions(
     assert sample(text, "lattice_consumer_lag", topic=atoms, partition="0") == 0
     assert sample(text, "lattice_batch_atoms_count", model="tiny") >= 1
     assert sample(text, "lattice_window_seconds_count") >= 1
+    assert sample(text, "lattice_backfill_step_seconds_count") == 0  # no migration ran
     assert "lattice_migration_progress_ratio NaN" in text

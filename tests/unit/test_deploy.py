@@ -45,6 +45,7 @@ METRICS = {
     "lattice_truncated_total": "counter",
     "lattice_batch_atoms": "histogram",
     "lattice_window_seconds": "histogram",
+    "lattice_backfill_step_seconds": "histogram",
     "lattice_embed_seconds": "histogram",
     "lattice_consumer_lag": "gauge",
     "lattice_routing_phase": "gauge",
