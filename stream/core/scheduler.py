@@ -180,21 +180,24 @@ def chunk_prefix(
     *,
     secs_per_byte: float,
     secs_per_atom: float = 0.0,
+    min_atoms: int = 1,
     max_atoms: int = 1024,
 ) -> int:
     """How many leading records (of `sizes` bytes each) fit in `budget_secs`.
 
     A record is estimated at `secs_per_atom + size * secs_per_byte` (text bytes are a better
-    proxy for tokens than a count when lengths are heavy-tailed). At least one record is
-    taken when there is any, so a chunk always makes progress; at most `max_atoms`.
+    proxy for tokens than a count when lengths are heavy-tailed). At least `min_atoms`
+    records are taken when there are that many (at least one, so a chunk always makes
+    progress; more keeps a slow model's passes big enough to be efficient); at most
+    `max_atoms`.
     """
-    if max_atoms < 1:
-        raise ValueError(f"max_atoms must be at least 1, got {max_atoms}")
+    if not 1 <= min_atoms <= max_atoms:
+        raise ValueError(f"need 1 <= min_atoms <= max_atoms, got {min_atoms}, {max_atoms}")
     spent = 0.0
     count = 0
     for size in sizes[:max_atoms]:
         cost = secs_per_atom + size * secs_per_byte
-        if count > 0 and spent + cost > budget_secs + 1e-12:
+        if count >= min_atoms and spent + cost > budget_secs + 1e-12:
             break
         spent += cost
         count += 1

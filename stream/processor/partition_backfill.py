@@ -48,6 +48,10 @@ SCAN_RECORDS = 2000
 # Records read per emission step; the model budget then decides how many are embedded.
 EMIT_READ_RECORDS = 500
 INITIAL_SECS_PER_BYTE = 1 / 20_000
+# A chunk embeds at least this many atoms, whatever its budget: at 10 ms an atom (MiniLM on
+# 2 cores) a 100 ms chunk would hold 8, passes too small to batch well (as MIN_WINDOW_ATOMS
+# does for a live window capped for backfill's share).
+MIN_CHUNK_ATOMS = 16
 
 
 class Phase(enum.Enum):
@@ -271,6 +275,7 @@ class PartitionBackfill:
             [len(r.value or b"") for r in embeds],
             budget_secs,
             secs_per_byte=self._rate.secs_per_unit,
+            min_atoms=min(MIN_CHUNK_ATOMS, self._config.batching.window_atoms),
             max_atoms=self._config.batching.window_atoms,
         )
         reached = end if fits == len(embeds) else embeds[fits].offset

@@ -122,8 +122,14 @@ def test_chunk_prefix() -> None:
     assert chunk_prefix(sizes, 0.01, secs_per_byte=0.001) == 1, "always progress"
     assert chunk_prefix(sizes, 0.25, secs_per_byte=0.001, secs_per_atom=0.05) == 1
     assert chunk_prefix([], 1.0, secs_per_byte=0.001) == 0
+    # A floor: a slow model's chunk still batches `min_atoms`, past the budget if need be.
+    assert chunk_prefix(sizes, 0.01, secs_per_byte=0.001, min_atoms=3) == 3
+    assert chunk_prefix(sizes, 0.7, secs_per_byte=0.001, min_atoms=3) == 4, "budget above it"
+    assert chunk_prefix(sizes[:2], 0.01, secs_per_byte=0.001, min_atoms=3) == 2, "all there is"
     with pytest.raises(ValueError):
         chunk_prefix(sizes, 1.0, secs_per_byte=0.001, max_atoms=0)
+    with pytest.raises(ValueError):
+        chunk_prefix(sizes, 1.0, secs_per_byte=0.001, min_atoms=5, max_atoms=4)
 
 
 def test_rate_estimate() -> None:
