@@ -103,6 +103,8 @@ class CommitWatch(Sensor):
         self.assigned_at = time.perf_counter()
         self.loop_cpu_at = time.thread_time()
         self.loop_cpu_seconds = 0.0  # the event loop's CPU time from assignment to `goal`
+        self.process_cpu_at = time.process_time()
+        self.process_cpu_seconds = 0.0  # the whole process's, every thread (the tokenizer's)
         self._committed = anyio.Event()
         self.embedded: dict[str, int] = {}  # atoms each model embedded (successful batches)
         self.window_seconds = 0.0  # wall time of the live windows, fetch to commit
@@ -125,6 +127,7 @@ class CommitWatch(Sensor):
         self.committed = max(self.committed, max(offsets.values()))
         if self.committed >= self.goal and not self.done.is_set():
             self.loop_cpu_seconds = time.thread_time() - self.loop_cpu_at  # on the loop thread
+            self.process_cpu_seconds = time.process_time() - self.process_cpu_at
             self.done.set()
         self._committed.set()
         self._committed = anyio.Event()
@@ -139,6 +142,7 @@ class CommitWatch(Sensor):
         (topic checks, control replay, group join) is not part of it."""
         self.assigned_at = time.perf_counter()
         self.loop_cpu_at = time.thread_time()
+        self.process_cpu_at = time.process_time()
         self.assigned.set()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,13 @@ async def test_bench_writes_a_complete_report(migration_config: Any, tmp_path: P
         assert all(stages[s] > 0 for s in timed), (name, stages)
         assert stages["loop_total"] >= stages["loop_rest"] >= 0
         assert stages["wall"] > stages["device"], "the device is one part of an atom's time"
+        # The process's CPU time covers the loop's and the tokenizer's, on at most every core.
+        assert stages["cpu"] > stages["loop_total"] + stages["tokenize"]
+        assert 0 < stages["cores"] <= (os.cpu_count() or 1) + 0.5
+    assert len(pipeline["runs"]["tokenizer"]) == 2
+    assert pipeline["ratio_tokenizer_vs_copy_loop"] == pytest.approx(
+        pipeline["tokenizer_atoms_per_sec"] / pipeline["copy_loop_atoms_per_sec"]
+    )
     model, zero = (pipeline["stages_us_per_atom"][k]["device"] for k in ("model", "zero_cost"))
     assert zero < model, "the zero-cost model skips the forward pass"
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
