@@ -134,6 +134,9 @@ class BatchingConfig(_Section, frozen=True):
     planner: Literal["cost", "buckets"] = "cost"
     batch_overhead_tokens: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
+    # Fetch, decode and tokenize the next live window while this one's forward passes,
+    # sends and commit run (at-least-once mode, while backfill has no work).
+    overlap_windows: bool = True
     # Backfill runs in steps of about `backfill_chunk_ms` of wall time between live windows
     # ([backfill] min_share says how many): a live window waits at most one step.
     backfill_chunk_ms: PositiveInt = 100
@@ -205,6 +208,10 @@ class RuntimeConfig(_Section, frozen=True):
     # 4-layer test model; 16 held it flat, no slower. An ONEDNN_PRIMITIVE_CACHE_CAPACITY
     # already in the environment wins.
     onednn_primitive_cache: Annotated[int, msgspec.Meta(ge=0)] = 16
+    # Tokenize in a thread of its own, beside the forward passes (the next live window
+    # tokenizes while this one's run). Unset: on where the model runs on an accelerator; on
+    # a CPU the tokenizer's threads and torch's would fight over the same cores.
+    tokenize_beside_model: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -95,7 +95,10 @@ class Embedder:
         self.fingerprint: str | None = None  # set by the ModelPool that loads it
         # A forward pass's fixed cost in padded tokens (`calibrate`); None: length buckets.
         self.batch_overhead_tokens: float | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model: one forward pass at a time
+        # The tokenizer apart from the model: the next window tokenizes while this one's
+        # forward passes run (the live path's lookahead).
+        self._tokenize_lock = threading.Lock()
         with _LOAD_LOCK:
             self._tokenizer, self._model = _load(name, config, device, dtype, compile)
         # Tokenization goes straight to the Rust tokenizer (`tokenizers`), skipping the
@@ -126,7 +129,7 @@ class Embedder:
         prefix = self.config.query_prefix if query else self.config.document_prefix
         limit = self.config.max_tokens
         prefixed = [prefix + text for text in texts] if prefix else list(texts)
-        with self._lock:
+        with self._tokenize_lock:
             probe = _ids(self._probe, prefixed)
             overlong = [len(ids) > limit for ids in probe]
             long_texts = [text for text, long in zip(prefixed, overlong, strict=True) if long]

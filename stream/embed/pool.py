@@ -66,6 +66,10 @@ class ModelPool:
         embedder.fingerprint = await self.fingerprint(embedder.name)
         self._loaded[embedder.name] = embedder
 
+    def loaded(self, name: str) -> Embedder | None:
+        """The embedder for `name` if it is loaded already (never loads)."""
+        return self._loaded.get(name)
+
     async def get(self, name: str) -> Embedder:
         """The embedder for `name`, loading it (off the event loop) if needed.
 

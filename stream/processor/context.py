@@ -144,7 +144,14 @@ async def open_processor(
                 config.kafka, config.topics.atoms, group_id=config.kafka.group_id
             ),
         )
-        inference = Inference(config.batching, context.stats, sensor)
+        inference = Inference(
+            config.batching,
+            context.stats,
+            sensor,
+            tokenize_beside_model=config.runtime.tokenize_beside_model
+            if config.runtime.tokenize_beside_model is not None
+            else config.runtime.device != "cpu",
+        )
         processor = WindowProcessor(config, context.models, producer, inference, context.stats)
         context.live = LiveConsumer(
             config, consumer, processor, control, migration, sensor, transactions=transactions

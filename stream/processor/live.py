@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import anyio
+from anyio.abc import TaskGroup
 
 from schemas.routing import MigrationState
 from stream.config import Config
@@ -34,6 +35,8 @@ from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
 from stream.processor.control import ControlPlane
+from stream.processor.lookahead import Ahead, Lookahead
+from stream.processor.prepared import PreparedWindow
 from stream.processor.rebalance import Rebalance
 from stream.processor.sensors import Sensor
 from stream.processor.stages import cpu, wall
@@ -91,6 +94,10 @@ class LiveConsumer:
         self._backoff = INITIAL_BACKOFF_SECS
         self._window_generation = 0  # the rebalance generation of the window's fetch
         self._resume_needed = False  # a failed window spanned a rebalance (see `_rewind`)
+        # The next window, fetched and prepared beside this one (at-least-once, no backfill
+        # work: see `stream.processor.lookahead`).
+        self.ahead = Lookahead(consumer)
+        self._overlap = config.batching.overlap_windows and transactions is None
 
     async def run(self, stop: anyio.Event) -> None:
         """Process windows until `stop` is set; the window in flight is finished first.
@@ -100,14 +107,24 @@ class LiveConsumer:
         backfill gets at least `[backfill] min_share` of model time).
         """
         self._consumer.subscribe(self.rebalance)
+        async with anyio.create_task_group() as tasks:
+            await self._loop(stop, tasks)
+
+    async def _loop(self, stop: anyio.Event, tasks: TaskGroup) -> None:
         fetched_nothing = False
         while not stop.is_set():
             pending = self._migration.pending(self._control.state, self._consumer)
+            if pending and self.ahead.held:  # backfill reads the positions: give it back
+                await self._give_back_ahead()
             # A live turn that found nothing buffered lets backfill run before the next look;
             # and live looks at least every `max_wait_ms` whatever the high-water marks say
             # (they come with background fetches and can lag behind the log).
             overdue = time.monotonic() - self._fetched_at > self._max_wait_secs
-            waiting = overdue or (not fetched_nothing and await self.offsets.live_waiting())
+            waiting = (
+                self.ahead.held
+                or overdue
+                or (not fetched_nothing and await self.offsets.live_waiting())
+            )
             decision = self._scheduler.next_step(live_waiting=waiting, backfill_pending=pending)
             if decision.step is Step.BACKFILL and decision.budget_secs is not None:
                 await self._backfill_step(decision.budget_secs)
@@ -124,6 +141,7 @@ class LiveConsumer:
             generation = await self.rebalance.settled()
             if self._resume_needed:
                 self._resume_needed = False
+                self.ahead.take()  # read again below
                 found = await self.offsets.resume_from_committed(self._consumer.assignment())
                 log.info(
                     "a window that failed spanned a rebalance: reading again from the "
@@ -131,8 +149,14 @@ class LiveConsumer:
                     found,
                 )
             self._window_generation = generation
-            records = await self._fetch_window(stop, window_atoms, wait=not pending)
-            if self.rebalance.generation != generation:
+            ahead = self.ahead.take()
+            prepared: PreparedWindow | None = None
+            if ahead is None:
+                records = await self._fetch_window(stop, window_atoms, wait=not pending)
+                fetched_in = generation
+            else:
+                records, fetched_in, prepared = ahead.records, ahead.generation, ahead.prepared
+            if self.rebalance.generation != fetched_in:
                 # A rebalance ran during the fetch: some records may belong to partitions
                 # now owned elsewhere (their new owner writes newer versions meanwhile), and
                 # the rest may predate the committed offsets it repositioned to. Drop them
@@ -151,9 +175,12 @@ class LiveConsumer:
                 continue
             records = self.offsets.drop_done(records)
             fetched_nothing = pending and not records
+            overlap = self._overlap and not pending and not stop.is_set()
             with self.rebalance.window():
                 try:
-                    await self._live_window(records)
+                    await self._live_window(
+                        records, prepared, lookahead=(tasks, stop) if overlap else None
+                    )
                 except CommitFailed as exc:
                     # Uncommitted: the partition's new owner processes these records again.
                     log.warning("a partition moved during the window: %s", exc)
@@ -170,29 +197,73 @@ class LiveConsumer:
                     self._rewind(records)
                     await self._back_off()  # until the group rejoins and says who owns what
 
-    async def _live_window(self, records: Sequence[SourceRecord]) -> None:
+    async def _live_window(
+        self,
+        records: Sequence[SourceRecord],
+        prepared: PreparedWindow | None,
+        *,
+        lookahead: tuple[TaskGroup, anyio.Event] | None,
+    ) -> None:
+        """One window, with the next one fetched and prepared beside it (`lookahead`: the
+        task group it runs in, and the stop event)."""
         state = await self._control.sync()
         state = await self._migration.before_window(state, self._consumer, records)
         if not records:
             return
         state = await self._migration.check_target(state, self._processor)
-        began = time.perf_counter()
+        started = False
+        if lookahead is not None:
+            tasks, stop = lookahead
+            started = await self.ahead.start(
+                tasks, self.rebalance.generation, lambda: self._fetch_ahead(stop)
+            )
         try:
             try:
-                await self._process(state, records)
-            except TargetFailing as exc:
-                # The target fails the migration, not the fleet: the window again, without it
-                # (outputs the source already published are written once more: at-least-once;
-                # in exactly-once mode they are aborted first).
-                state = await self._migration.fail_target(state, str(exc))
-                await self._abort(records)
-                await self._process(state, records, fail_fast=False)
+                await self._embed_and_commit(state, records, prepared)
+            except BaseException:
+                if started:
+                    with anyio.CancelScope(shield=True):
+                        if not await self.ahead.abandon(self.rebalance.generation):
+                            self._resume_needed = True
+                raise
+            await self.ahead.finish()
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
             await self._abort(records)
             self._rewind(records)
             await self._back_off()
-            return
+
+    async def _fetch_ahead(self, stop: anyio.Event) -> Ahead | None:
+        """The next window (by the usual rules: full, or `max_wait_ms` after its first
+        record, without waiting for a first one), decoded and tokenized."""
+        generation = self.rebalance.generation
+        records = await self._fetch_window(stop, self._config.batching.window_atoms, wait=False)
+        if not records:
+            return None
+        writes = self._control.state.routing_config().write_models
+        prepared = await self._processor.prepare(records, writes)
+        return Ahead(records=records, generation=generation, prepared=prepared)
+
+    async def _give_back_ahead(self) -> None:
+        """Put the window held ahead back (its records are read again)."""
+        generation = await self.rebalance.settled()
+        if not self.ahead.give_back(generation):
+            found = await self.offsets.resume_from_committed(self._consumer.assignment())
+            log.info("a rebalance ran since the lookahead: reading from the committed %s", found)
+
+    async def _embed_and_commit(
+        self, state: RoutingState, records: Sequence[SourceRecord], prepared: PreparedWindow | None
+    ) -> None:
+        began = time.perf_counter()
+        try:
+            await self._process(state, records, prepared=prepared)
+        except TargetFailing as exc:
+            # The target fails the migration, not the fleet: the window again, without it
+            # (outputs the source already published are written once more: at-least-once;
+            # in exactly-once mode they are aborted first).
+            state = await self._migration.fail_target(state, str(exc))
+            await self._abort(records)
+            await self._process(state, records, fail_fast=False, prepared=prepared)
         self._backoff = INITIAL_BACKOFF_SECS
         if self._transactions is None:
             with wall(self._processor.stats.stages, "commit"):
@@ -291,7 +362,12 @@ class LiveConsumer:
         self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_SECS)
 
     async def _process(
-        self, state: RoutingState, records: Sequence[SourceRecord], *, fail_fast: bool = True
+        self,
+        state: RoutingState,
+        records: Sequence[SourceRecord],
+        *,
+        fail_fast: bool = True,
+        prepared: PreparedWindow | None = None,
     ) -> None:
         """Embed each partition's records with that partition's write models.
 
@@ -320,6 +396,8 @@ class LiveConsumer:
                 p: await transactions.begin(p) for p in sorted({r.partition for r in records})
             }
             producer_for = producers.__getitem__
+        if len(groups) > 1:  # prepared for the whole window, not for a part of it
+            prepared = None
         for models, group in groups.items():
             await self._processor.process(
                 group,
@@ -328,6 +406,7 @@ class LiveConsumer:
                 target=target,
                 first=routing.query_model,
                 producer_for=producer_for,
+                prepared=prepared,
             )
 
     async def _backfill_step(self, budget_secs: float) -> None:

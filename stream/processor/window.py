@@ -37,6 +37,7 @@ from stream.embed.pool import ModelPool
 from stream.errors import OverlongInput, RecordRejected, SendFailed, TargetFailing
 from stream.kafka.producer import Ack, OutputProducer
 from stream.processor.inference import Inference
+from stream.processor.prepared import PreparedWindow, distinct_texts, prepare_window
 from stream.processor.retries import LetterKey, LetterLedger, RefusedRecords
 from stream.processor.sensors import ProcessorStats
 from stream.processor.stages import cpu
@@ -79,12 +80,14 @@ class Window:
         stats: ProcessorStats,
         ledger: LetterLedger | None = None,
         batched: bool = True,
+        prepared: PreparedWindow | None = None,
     ) -> None:
         """`producer_for(partition)`: the producer for the outputs of an input partition
         (one for all; in exactly-once mode, that partition's transactional producer).
         `ledger`: dead letters an earlier try of these records wrote (None: exactly-once).
         `batched`: outputs go as one batch per output partition (`flush`); else one send
-        per record, which tells a record the broker refuses apart from the others."""
+        per record, which tells a record the broker refuses apart from the others.
+        `prepared`: these records decoded and tokenized ahead (the live path's lookahead)."""
         self.records = records
         self.path = path
         self.migration_id = migration_id
@@ -107,15 +110,23 @@ class Window:
         self._letter_acks: list[tuple[Ack, int, str | None, int]] = []
         self._letters: dict[tuple[int, str | None], tuple[Stage, str, str]] = {}
         self._ledger = ledger
+        self.prepared = prepared if prepared is not None and prepared.fits(records) else None
 
     async def decode(self) -> None:
         """Decode every record; invalid ones are dead letters (live) or skipped (backfill,
         whose events the live path dead-lettered already)."""
         limit = self._config.limits.max_event_bytes
+        decoded = self.prepared.decoded if self.prepared is not None else None
         for position, record in enumerate(self.records):
             try:
-                with cpu(self._stats.stages, "decode"):
-                    event = decode_atom(record.key, record.value, max_event_bytes=limit)
+                if decoded is None:
+                    with cpu(self._stats.stages, "decode"):
+                        event = decode_atom(record.key, record.value, max_event_bytes=limit)
+                else:
+                    found = decoded[position]
+                    if isinstance(found, InvalidAtom):
+                        raise found
+                    event = found
                 self.events[position] = event
             except InvalidAtom as exc:
                 if self.path == "backfill":
@@ -131,11 +142,7 @@ class Window:
 
     def texts(self) -> dict[str, list[int]]:
         """Each distinct text to embed, with the window positions that carry it."""
-        positions_of: dict[str, list[int]] = defaultdict(list)
-        for position, event in self.events.items():
-            if isinstance(event, AtomCreated) and position not in self.dead:
-                positions_of[event.text].append(position)
-        return positions_of
+        return distinct_texts(self.events, self.dead)
 
     async def emit(
         self, position: int, model: str, embedder: Embedder, vector: Vectors | None
@@ -397,9 +404,12 @@ class WindowProcessor:
         target: str | None = None,
         first: str | None = None,
         producer_for: Callable[[int], OutputProducer] | None = None,
+        prepared: PreparedWindow | None = None,
     ) -> None:
         """Produce every output of `records` and wait for the acknowledgements (through
         `producer_for(input partition)` if given: exactly-once transactions).
+
+        `prepared`: `records` decoded and tokenized ahead (`prepare`); used if it fits them.
 
         `first`: the model embedded first (the query model: what searches read sees the
         window's atoms while the other write models still run); else `target` is first.
@@ -421,6 +431,7 @@ class WindowProcessor:
                 # Only transactions pass `producer_for`; an aborted one wrote no dead letter.
                 ledger=self.letters if producer_for is None else None,
                 batched=batched,
+                prepared=prepared,
             )
             try:
                 await self._process(window, write_models, target, first)
@@ -440,6 +451,20 @@ class WindowProcessor:
         self.letters.forget(records)
         self._alone.forget(records)
 
+    async def prepare(
+        self, records: Sequence[SourceRecord], write_models: Sequence[str]
+    ) -> PreparedWindow:
+        """`records` decoded and tokenized for the loaded ones of `write_models`, ahead of
+        their turn (which writes their outputs and dead letters, `process`)."""
+        embedders = [e for m in write_models if (e := self.models.loaded(m)) is not None]
+        return await prepare_window(
+            records,
+            embedders,
+            self._inference,
+            max_event_bytes=self._config.limits.max_event_bytes,
+            stages=self.stats.stages,
+        )
+
     async def _process(
         self,
         window: Window,
@@ -451,6 +476,8 @@ class WindowProcessor:
         embedders = [(model, await self.models.get(model)) for model in write_models]
         positions_of = window.texts()
         tokenized: dict[str, Tokenized] = {}  # by tokenization key: once per tokenizer
+        if window.prepared is not None and window.prepared.texts == list(positions_of):
+            tokenized.update(window.prepared.tokens)
         jobs = [
             await self._job(window, model, embedder, positions_of, tokenized)
             for model, embedder in embedders

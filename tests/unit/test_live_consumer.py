@@ -41,6 +41,7 @@ class Heard(Sensor):
     changed: anyio.Event = field(default_factory=anyio.Event)
     window_done: anyio.Event = field(default_factory=anyio.Event)
     control: ControlPlane | None = None  # the loop's control plane, while it runs
+    live: LiveConsumer | None = None  # the loop itself, while it runs
 
     def on_commit(self, offsets: Mapping[int, int]) -> None:
         self.commits.append(dict(offsets))
@@ -121,6 +122,7 @@ async def live_loop(
             backfill=backfill,
         )
         live = LiveConsumer(config, consumer, processor, control, migration, heard)  # type: ignore[arg-type]
+        heard.live = live
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(control.tail)
             async with anyio.create_task_group() as loop:
@@ -161,6 +163,38 @@ async def test_a_failed_ack_rewinds_and_redoes_the_window(tiny_model: Path) -> N
     assert set(keys) == {f"a0-{i}".encode() for i in range(4)}
     assert len(keys) == 8, "the window was produced twice: at-least-once"
     assert heard.commits == [{0: 4}]
+
+
+async def test_the_next_window_is_fetched_and_prepared_beside_this_one(tiny_model: Path) -> None:
+    log = FakeLog("atoms", 1)
+    atoms(log, 0, 40)  # five windows of 8
+    consumer = FakeGroupConsumer(log, [0])
+    producer = FakeProducer()
+    async with live_loop(tiny_model, log, consumer, producer) as heard:
+        with anyio.fail_after(30):
+            await heard.until_committed({0: 40})
+    assert heard.live is not None and heard.live.ahead.used >= 3
+    assert producer.keys("embeddings.tiny") == [f"a0-{i}".encode() for i in range(40)]
+    ends = [offsets[0] for offsets in heard.commits]
+    assert ends == sorted(ends) and ends[-1] == 40
+
+
+async def test_a_failed_window_gives_back_the_window_fetched_beside_it(tiny_model: Path) -> None:
+    """The lookahead fetched past the failed window, into a partition the window did not
+    touch: that partition reads again from before the lookahead, so nothing is skipped."""
+    log = FakeLog("atoms", 2)
+    atoms(log, 0, 10)  # the first window: 8 of partition 0
+    atoms(log, 1, 6)  # the lookahead: the last 2 of partition 0 and these 6
+    consumer = FakeGroupConsumer(log, [0, 1])
+    producer = FakeProducer(fail_ack={"embeddings.tiny": [SendFailed("no leader (fake)")]})
+    async with live_loop(tiny_model, log, consumer, producer) as heard:
+        with anyio.fail_after(30):
+            await heard.until_committed({0: 10, 1: 6})
+    assert heard.live is not None and heard.live.ahead.given_back >= 1
+    keys = producer.keys("embeddings.tiny")
+    expected = {f"a{p}-{i}".encode() for p, n in ((0, 10), (1, 6)) for i in range(n)}
+    assert set(keys) == expected
+    assert heard.committed() == {0: 10, 1: 6}
 
 
 async def test_a_commit_refused_by_a_rebalance_is_not_counted(tiny_model: Path) -> None:

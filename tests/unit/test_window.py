@@ -245,3 +245,49 @@ async def test_models_with_one_tokenizer_tokenize_a_window_once(
     await processor.process(records, ("a", "b"), None)
     assert calls == ["a"]
     assert processor.stats.outputs["a", "live"] == processor.stats.outputs["b", "live"] == 6
+
+
+async def test_a_window_prepared_ahead_gives_the_outputs_of_one_prepared_in_turn(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    """The live path's lookahead decodes and tokenizes a window before its turn: the same
+    vectors, tombstones and dead letters, in the same order, as a window done in turn."""
+    records = [created(i, f"k{i % 4}", f"text {i % 5} " * (i % 7 + 1)) for i in range(12)]
+    records += [
+        record(12, "bad", {"type": "atom.created"}),
+        record(13, "k1", {"type": "atom.deleted", "atom_id": "k1"}),
+    ]
+    sent: list[list[tuple[str, bytes | None, bytes | None]]] = []
+    for ahead in (False, True):
+        producer = FakeProducer()
+        processor = window_processor(tiny_model, tiny_model_b, producer)
+        for model in ("a", "b"):
+            await processor.models.get(model)
+        prepared = await processor.prepare(records, ("a", "b")) if ahead else None
+        await processor.process(records, ("a", "b"), None, prepared=prepared)
+        outputs = []
+        for topic, out in producer.sent:
+            value = out.value
+            if value is not None and topic.startswith("embeddings."):
+                fields = msgspec.json.decode(value)
+                fields.pop("embedded_at")
+                value = msgspec.json.encode(fields)
+            outputs.append((topic, out.key, value))
+        sent.append(outputs)
+    plain, ahead_of_turn = sent
+    assert len(plain) == 2 * 13 + 1  # 12 vectors and 1 tombstone per model, 1 dead letter
+    assert ahead_of_turn == plain
+
+
+async def test_a_window_prepared_for_other_records_is_not_used(
+    tiny_model: Path, tiny_model_b: Path
+) -> None:
+    producer = FakeProducer()
+    processor = window_processor(tiny_model, tiny_model_b, producer)
+    await processor.models.get("a")
+    prepared = await processor.prepare([created(0, "k", "one text")], ("a",))
+    await processor.process([created(0, "k", "another text")], ("a",), None, prepared=prepared)
+    ((topic, out),) = producer.sent
+    expected = (await processor.models.get("a")).embed(["another text"])[0]
+    vector = decode_embedding(out.value or b"").vector
+    assert topic == "embeddings.a" and vector == pytest.approx(expected.tolist(), abs=1e-6)
