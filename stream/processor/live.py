@@ -5,7 +5,9 @@ One window at a time: a window is closed by size (`batching.window_atoms`) or
 routing is the control plane's state synced *after* the fetch, so a command appended
 during the fetch already applies to it. Offsets are committed (`offset + 1`) only after
 every output and dead letter of the window is acknowledged (`Offsets`). Between windows
-the migration worker records handoffs and runs backfill batches.
+the migration worker records handoffs and runs backfill batches. While a window runs, the
+next one is fetched, decoded and tokenized beside it (`Lookahead`; at-least-once mode, when
+backfill has no work); it is written only in its own turn.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from stream.config import Config
 from stream.core.records import SourceRecord
 from stream.core.routing import RoutingState
 from stream.core.scheduler import RateEstimate, ShareScheduler, Step, chunk_atoms
-from stream.core.windows import partition_write_models, window_deadline
+from stream.core.windows import partition_write_models
 from stream.errors import (
     BrokerUnavailable,
     CommitFailed,
-    LatticeError,
     ProducerFencedError,
     TargetFailing,
 )
@@ -35,20 +36,20 @@ from stream.kafka.consumer import GroupConsumer
 from stream.processor.backfill import MigrationWorker
 from stream.processor.commits import Offsets
 from stream.processor.control import ControlPlane
+from stream.processor.fetching import WindowFetch
 from stream.processor.lookahead import Ahead, Lookahead
 from stream.processor.prepared import PreparedWindow
 from stream.processor.rebalance import Rebalance
 from stream.processor.sensors import Sensor
-from stream.processor.stages import cpu, wall
+from stream.processor.stages import wall
 from stream.processor.transactions import PartitionTransactions
 from stream.processor.window import RetryWindow, WindowProcessor
+from stream.processor.window_transactions import WindowTransactions
 
 log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF_SECS = 0.5
 MAX_RETRY_BACKOFF_SECS = 30.0
-IDLE_FETCH_MS = 500  # longest a fetch waits for a first record when nothing else is to do
-REFRESH_FETCH_MS = 10  # a fetch round trip to the broker, with room to spare
 MIN_WINDOW_ATOMS = 16  # a live window bounded for backfill's share still batches this many
 INITIAL_LIVE_SECS_PER_ATOM = 0.005
 
@@ -77,6 +78,7 @@ class LiveConsumer:
         self._migration = migration
         self._sensor = sensor
         self.offsets = Offsets(consumer, sensor)
+        self._eos = WindowTransactions(transactions, consumer, self.offsets)
         self.rebalance = Rebalance(
             migration,
             self.offsets,
@@ -85,7 +87,7 @@ class LiveConsumer:
             transactions=transactions,
             consumer=consumer,
         )
-        self._fetched_at = time.monotonic()  # when the last window's fetch ended
+        self._fetch = WindowFetch(consumer, config.batching, processor.stats.stages)
         self._max_wait_secs = config.batching.max_wait_ms / 1000
         self._scheduler = ShareScheduler(
             config.backfill.min_share, config.batching.backfill_chunk_ms / 1000
@@ -119,7 +121,7 @@ class LiveConsumer:
             # A live turn that found nothing buffered lets backfill run before the next look;
             # and live looks at least every `max_wait_ms` whatever the high-water marks say
             # (they come with background fetches and can lag behind the log).
-            overdue = time.monotonic() - self._fetched_at > self._max_wait_secs
+            overdue = time.monotonic() - self._fetch.fetched_at > self._max_wait_secs
             waiting = (
                 self.ahead.held
                 or overdue
@@ -152,7 +154,7 @@ class LiveConsumer:
             ahead = self.ahead.take()
             prepared: PreparedWindow | None = None
             if ahead is None:
-                records = await self._fetch_window(stop, window_atoms, wait=not pending)
+                records = await self._fetch.window(stop, window_atoms, wait=not pending)
                 fetched_in = generation
             else:
                 records, fetched_in, prepared = ahead.records, ahead.generation, ahead.prepared
@@ -187,13 +189,13 @@ class LiveConsumer:
                 except BrokerUnavailable as exc:
                     # An outage: the window is redone once Kafka answers.
                     log.warning("Kafka unreachable during a window (%s); redone", exc)
-                    await self._abort(records)
+                    await self._eos.abort(records)
                     self._rewind(records)
                     await self._back_off()
                 except ProducerFencedError as exc:
                     # A zombie: the partitions' new owner fenced this instance's producers.
                     log.error("exactly-once: %s; this instance no longer owns them", exc)
-                    await self._fenced({r.partition for r in records})
+                    await self._eos.fenced({r.partition for r in records})
                     self._rewind(records)
                     await self._back_off()  # until the group rejoins and says who owns what
 
@@ -229,7 +231,7 @@ class LiveConsumer:
             await self.ahead.finish()
         except RetryWindow as exc:
             log.error("%s; retrying the window in %.1fs", exc, self._backoff)
-            await self._abort(records)
+            await self._eos.abort(records)
             self._rewind(records)
             await self._back_off()
 
@@ -237,7 +239,7 @@ class LiveConsumer:
         """The next window (by the usual rules: full, or `max_wait_ms` after its first
         record, without waiting for a first one), decoded and tokenized."""
         generation = self.rebalance.generation
-        records = await self._fetch_window(stop, self._config.batching.window_atoms, wait=False)
+        records = await self._fetch.window(stop, self._config.batching.window_atoms, wait=False)
         if not records:
             return None
         writes = self._control.state.routing_config().write_models
@@ -262,7 +264,7 @@ class LiveConsumer:
             # (outputs the source already published are written once more: at-least-once;
             # in exactly-once mode they are aborted first).
             state = await self._migration.fail_target(state, str(exc))
-            await self._abort(records)
+            await self._eos.abort(records)
             await self._process(state, records, fail_fast=False, prepared=prepared)
         self._backoff = INITIAL_BACKOFF_SECS
         if self._transactions is None:
@@ -270,41 +272,13 @@ class LiveConsumer:
                 await self.offsets.commit(records)
         else:
             with wall(self._processor.stats.stages, "commit"):
-                await self._commit_transactions(records)
+                self._rewind(await self._eos.commit(records))
         await self._migration.after_window(state, records)
         seconds = time.perf_counter() - began
         log.debug("live window: %d records in %.3fs", len(records), seconds)
         self._sensor.on_window(seconds)
         self._scheduler.record_live(seconds, time.monotonic())
         self._live_rate.observe(len(records), seconds)
-
-    async def _commit_transactions(self, records: Sequence[SourceRecord]) -> None:
-        """Commit each input partition's transaction with its offset; a partition whose
-        commit fails is aborted and redone (fenced: left to its new owner)."""
-        assert self._transactions is not None
-        ends: dict[int, int] = {}
-        for record in records:
-            ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
-        committed: dict[int, int] = {}
-        failed: list[SourceRecord] = []
-        for partition, end in sorted(ends.items()):
-            try:
-                await self._transactions.commit(partition, end)
-            except ProducerFencedError as exc:
-                log.error("exactly-once: partition %d: %s; its new owner redoes it", partition, exc)
-                await self._fenced([partition])  # drops every producer: nothing more commits
-                failed = [r for r in records if r.partition not in committed]
-                break
-            except LatticeError as exc:
-                log.warning(
-                    "exactly-once: commit of partition %d failed (%s); redone", partition, exc
-                )
-                await self._abort([r for r in records if r.partition == partition])
-                failed += [r for r in records if r.partition == partition]
-            else:
-                committed[partition] = end
-        self._rewind(failed)
-        self.offsets.committed(committed)
 
     def _rewind(self, records: Sequence[SourceRecord]) -> None:
         """Read a failed window's records again. If a rebalance ran since they were fetched,
@@ -315,46 +289,6 @@ class LiveConsumer:
             self._resume_needed = True
             return
         self.offsets.rewind(records)
-
-    async def _fenced(self, partitions: set[int] | list[int]) -> None:
-        """A producer was fenced: this instance's session expired and its partitions moved,
-        all of them (eager rebalance). Drop every producer; none starts again before a
-        rebalance assigns partitions here (it would fence their rightful owners)."""
-        if self._transactions is not None:
-            every = set(partitions) | set(self._consumer.assignment())
-            every |= set(self._transactions.open_partitions())
-            await self._transactions.release(every)
-            self._transactions.fenced(every)
-
-    async def _abort(self, records: Sequence[SourceRecord]) -> None:
-        """Exactly-once: abort the window's open transactions (nothing of it is seen)."""
-        if self._transactions is None:
-            return
-        partitions = {r.partition for r in records}
-        try:
-            renewed = await self._transactions.abort(partitions)
-            if renewed:
-                log.warning(
-                    "exactly-once: new producers for partitions %s (their sequence broke)",
-                    sorted(renewed),
-                )
-                await self._confirm_owner(renewed)
-        except ProducerFencedError:
-            await self._fenced(partitions)
-        except LatticeError as exc:  # unreachable: the producers are restarted, aborting it
-            log.warning("exactly-once: abort failed (%s); restarting the producers", exc)
-            await self._transactions.release(partitions)
-
-    async def _confirm_owner(self, partitions: list[int]) -> None:
-        """Before new producers start for `partitions`: is this instance still a member? A
-        zombie's new producer would fence the rightful owner's, so a refused commit marks
-        them fenced here until a rebalance assigns them again."""
-        try:
-            await self.offsets.confirm_membership()
-        except CommitFailed as exc:
-            log.warning("exactly-once: not the owner of %s any more: %s", partitions, exc)
-            if self._transactions is not None:
-                self._transactions.fenced(partitions)
 
     async def _back_off(self) -> None:
         """Wait before redoing a window; the wait doubles until a window succeeds."""
@@ -437,50 +371,8 @@ class LiveConsumer:
                 log.info("a partition moved during a backfill step: %s", exc)
             except ProducerFencedError as exc:  # exactly-once: the chunk's producer was fenced
                 log.error("exactly-once: backfill step: %s; this instance no longer owns it", exc)
-                await self._fenced(list(self._consumer.assignment()))
+                await self._eos.fenced(list(self._consumer.assignment()))
         seconds = time.perf_counter() - began
         log.debug("backfill step: %.3fs (budget %.3fs)", seconds, budget_secs)
         self._sensor.on_backfill_step(seconds)
         self._scheduler.record_backfill(seconds, time.monotonic())
-
-    async def _fetch_window(
-        self, stop: anyio.Event, window_atoms: int, *, wait: bool
-    ) -> list[SourceRecord]:
-        """Fetch until the window is full or `max_wait_ms` passed since its first record
-        (without waiting for a first record when `wait` is false: backfill has work)."""
-        batching = self._config.batching
-        records: list[SourceRecord] = []
-        deadline: float | None = None
-        refreshed = False
-        while len(records) < window_atoms and not stop.is_set():
-            if deadline is None:
-                timeout_ms = IDLE_FETCH_MS if wait else 0
-            else:  # past the deadline: only what is already buffered (timeout 0)
-                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-                if timeout_ms == 0 and not refreshed:
-                    # The client fetches a partition again only once its buffer is drained,
-                    # so what arrived while the last step ran is still on the broker: one
-                    # short wait takes the answer to the fetch that draining just started
-                    # (else those atoms wait a whole extra step).
-                    timeout_ms, refreshed = REFRESH_FETCH_MS, True
-            before = len(records)
-            with cpu(self._processor.stats.stages, "fetch"):  # from the buffer: no wait
-                fetched = await self._consumer.fetch(
-                    timeout_ms=timeout_ms, max_records=window_atoms - len(records)
-                )
-            records.extend(fetched)
-            if records and deadline is None:
-                now = time.monotonic()
-                deadline = window_deadline(
-                    now=now,
-                    wall_now=time.time(),
-                    stamps_ms=[r.timestamp_ms for r in records],
-                    since_last_fetch=now - self._fetched_at,
-                    max_wait_secs=batching.max_wait_ms / 1000,
-                )
-            elif timeout_ms == 0 and len(records) == before:
-                break  # the deadline has passed and the buffer is drained
-            if not records:
-                break
-        self._fetched_at = time.monotonic()
-        return records
