@@ -100,7 +100,9 @@ async def live_loop(
     config = msgspec.structs.replace(
         config,
         routing=msgspec.structs.replace(config.routing, stable_model="tiny"),
-        batching=msgspec.structs.replace(config.batching, window_atoms=8, max_wait_ms=5),
+        batching=msgspec.structs.replace(
+            config.batching, window_atoms=8, max_wait_ms=5, overlap_windows=True
+        ),
     )
     heard = Heard()
     stats = ProcessorStats()
