@@ -143,7 +143,7 @@ class LiveConsumer:
             generation = await self.rebalance.settled()
             if self._resume_needed:
                 self._resume_needed = False
-                self.ahead.take()  # read again below
+                self.ahead.drop()  # read again from the committed offsets below
                 found = await self.offsets.resume_from_committed(self._consumer.assignment())
                 log.info(
                     "a window that failed spanned a rebalance: reading again from the "

@@ -118,14 +118,22 @@ class Lookahead:
         """Seek every partition back to before the lookahead's fetch: its records are read
         again. False when a rebalance ran since (`generation` differs): the positions it
         saw are gone, and the caller must read from the committed offsets instead."""
+        if generation != self._generation:
+            self.drop()
+            return False
         if self._held is not None:
             self.given_back += 1
         self._held = None
-        if generation != self._generation:
-            self._positions = {}
-            return False
         self._seek_back()
         return True
+
+    def drop(self) -> None:
+        """Forget the window held ahead without seeking: the caller reads again from the
+        committed offsets (its records with them)."""
+        if self._held is not None:
+            self.given_back += 1
+        self._held = None
+        self._positions = {}
 
     def _seek_back(self) -> None:
         for partition, offset in self._positions.items():
