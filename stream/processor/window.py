@@ -25,7 +25,7 @@ from typing import NoReturn
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage, decode_atom
+from schemas.atoms import AtomCreated, AtomEvent, InvalidAtom, Stage
 from schemas.embeddings import EmbeddingPath, SourceRef
 from stream.config import Config
 from stream.core.batching import InOrderRelease
@@ -37,7 +37,12 @@ from stream.embed.pool import ModelPool
 from stream.errors import OverlongInput, RecordRejected, SendFailed, TargetFailing
 from stream.kafka.producer import Ack, OutputProducer
 from stream.processor.inference import Inference
-from stream.processor.prepared import PreparedWindow, distinct_texts, prepare_window
+from stream.processor.prepared import (
+    PreparedWindow,
+    decode_records,
+    distinct_texts,
+    prepare_window,
+)
 from stream.processor.retries import LetterKey, LetterLedger, RefusedRecords
 from stream.processor.sensors import ProcessorStats
 from stream.processor.stages import cpu
@@ -116,24 +121,19 @@ class Window:
         """Decode every record; invalid ones are dead letters (live) or skipped (backfill,
         whose events the live path dead-lettered already)."""
         limit = self._config.limits.max_event_bytes
-        decoded = self.prepared.decoded if self.prepared is not None else None
-        for position, record in enumerate(self.records):
-            try:
-                if decoded is None:
-                    with cpu(self._stats.stages, "decode"):
-                        event = decode_atom(record.key, record.value, max_event_bytes=limit)
-                else:
-                    found = decoded[position]
-                    if isinstance(found, InvalidAtom):
-                        raise found
-                    event = found
-                self.events[position] = event
-            except InvalidAtom as exc:
-                if self.path == "backfill":
-                    self.dead.add(position)
-                    continue
-                cause = type(exc.__cause__).__name__ if exc.__cause__ else type(exc).__name__
-                await self.dead_letter(position, exc.stage, cause, exc.reason)
+        decoded = (
+            self.prepared.decoded
+            if self.prepared is not None
+            else decode_records(self.records, limit, self._stats.stages)
+        )
+        for position, found in enumerate(decoded):
+            if not isinstance(found, InvalidAtom):
+                self.events[position] = found
+            elif self.path == "backfill":
+                self.dead.add(position)
+            else:
+                cause = type(found.__cause__).__name__ if found.__cause__ else type(found).__name__
+                await self.dead_letter(position, found.stage, cause, found.reason)
         self._stats.atoms_in[self.path] += len(self.records)
 
     def is_dead(self, position: int, model: str) -> bool:
