@@ -95,7 +95,10 @@ class LiveConsumer:
         self._live_rate = RateEstimate(INITIAL_LIVE_SECS_PER_ATOM)
         self._backoff = INITIAL_BACKOFF_SECS
         self._window_generation = 0  # the rebalance generation of the window's fetch
-        self._resume_needed = False  # a failed window spanned a rebalance (see `_rewind`)
+        # Why every partition must be read again from the committed offsets before the next
+        # fetch (a window that failed spanned a rebalance, see `_rewind`; or one did during
+        # the fetch or the lookahead), or None.
+        self._resume_needed: str | None = None
         # The next window, fetched and prepared beside this one (at-least-once, no backfill
         # work: see `stream.processor.lookahead`).
         self.ahead = Lookahead(consumer)
@@ -115,9 +118,18 @@ class LiveConsumer:
     async def _loop(self, stop: anyio.Event, tasks: TaskGroup) -> None:
         fetched_nothing = False
         while not stop.is_set():
+            # Before anything reads the positions (a fetch, a handoff, a backfill step).
+            if self._resume_needed is not None and not await self._resume_from_committed():
+                continue
             pending = self._migration.pending(self._control.state, self._consumer)
-            if pending and self.ahead.held:  # backfill reads the positions: give it back
-                await self._give_back_ahead()
+            # Backfill reads the positions: the window held ahead is given back first.
+            if (
+                pending
+                and self.ahead.held
+                and not self.ahead.give_back(await self.rebalance.settled())
+            ):
+                self._resume_needed = "a rebalance ran since the lookahead"
+                continue
             # A live turn that found nothing buffered lets backfill run before the next look;
             # and live looks at least every `max_wait_ms` whatever the high-water marks say
             # (they come with background fetches and can lag behind the log).
@@ -141,15 +153,6 @@ class LiveConsumer:
                     max_atoms=window_atoms,
                 )
             generation = await self.rebalance.settled()
-            if self._resume_needed:
-                self._resume_needed = False
-                self.ahead.drop()  # read again from the committed offsets below
-                found = await self.offsets.resume_from_committed(self._consumer.assignment())
-                log.info(
-                    "a window that failed spanned a rebalance: reading again from the "
-                    "committed offsets %s",
-                    found,
-                )
             self._window_generation = generation
             ahead = self.ahead.take()
             prepared: PreparedWindow | None = None
@@ -166,14 +169,7 @@ class LiveConsumer:
                 # once the rebalance is done: in exactly-once mode `on_assigned` first waits
                 # for the previous owners' transactions, and a committed offset read before
                 # that can be one window old (EndTxn returns before its markers are written).
-                await self.rebalance.settled()
-                found = await self.offsets.resume_from_committed(self._consumer.assignment())
-                log.info(
-                    "a rebalance ran during the fetch: %d records dropped, reading again from "
-                    "the committed offsets %s",
-                    len(records),
-                    found,
-                )
+                self._resume_needed = f"a rebalance ran during the fetch ({len(records)} records)"
                 continue
             records = self.offsets.drop_done(records)
             fetched_nothing = pending and not records
@@ -226,7 +222,7 @@ class LiveConsumer:
                 if started:
                     with anyio.CancelScope(shield=True):
                         if not await self.ahead.abandon(self.rebalance.generation):
-                            self._resume_needed = True
+                            self._resume_needed = "a rebalance ran since the lookahead"
                 raise
             await self.ahead.finish()
         except RetryWindow as exc:
@@ -246,12 +242,26 @@ class LiveConsumer:
         prepared = await self._processor.prepare(records, writes)
         return Ahead(records=records, generation=generation, prepared=prepared)
 
-    async def _give_back_ahead(self) -> None:
-        """Put the window held ahead back (its records are read again)."""
-        generation = await self.rebalance.settled()
-        if not self.ahead.give_back(generation):
+    async def _resume_from_committed(self) -> bool:
+        """Read every owned partition again from the committed offsets (`_resume_needed`
+        says why), once the rebalance is done; any window held ahead is dropped (its records
+        come again). False while Kafka is unreachable: the caller backs off and asks again,
+        and nothing reads the stale positions meanwhile."""
+        await self.rebalance.settled()
+        self.ahead.drop()
+        try:
             found = await self.offsets.resume_from_committed(self._consumer.assignment())
-            log.info("a rebalance ran since the lookahead: reading from the committed %s", found)
+        except BrokerUnavailable as exc:
+            log.warning(
+                "%s; reading from the committed offsets waits for Kafka: %s",
+                self._resume_needed,
+                exc,
+            )
+            await self._back_off()
+            return False
+        log.info("%s: reading again from the committed offsets %s", self._resume_needed, found)
+        self._resume_needed = None
+        return True
 
     async def _embed_and_commit(
         self, state: RoutingState, records: Sequence[SourceRecord], prepared: PreparedWindow | None
@@ -286,7 +296,7 @@ class LiveConsumer:
         meanwhile (a zombie's window): reading resumes from the committed offsets instead,
         before the next fetch."""
         if self.rebalance.generation != self._window_generation:
-            self._resume_needed = True
+            self._resume_needed = "a window that failed spanned a rebalance"
             return
         self.offsets.rewind(records)
 

@@ -151,6 +151,9 @@ class FakeGroupConsumer:
         self.stale_committed: dict[int, int | None] = {}  # read_committed answers this
         self.listener: PartitionListener | None = None
         self._told = False
+        self.rebalance_at_fetch = 0  # the Nth fetch (from 1) runs a rebalance first
+        self.read_committed_fails: list[LatticeError] = []  # raised by the next reads
+        self._fetches = 0
 
     async def __aenter__(self) -> FakeGroupConsumer:
         return self
@@ -164,6 +167,10 @@ class FakeGroupConsumer:
     async def fetch(self, *, timeout_ms: int, max_records: int) -> list[SourceRecord]:
         if self.listener is not None and not self._told:
             self._told = True
+            await self.listener.on_assigned(self.assigned)
+        self._fetches += 1
+        if self.listener is not None and self._fetches == self.rebalance_at_fetch:
+            await self.listener.on_revoked(self.assigned)  # the same partitions come back
             await self.listener.on_assigned(self.assigned)
         if all(self.positions[p] >= len(self.log.partitions[p]) for p in self.assigned):
             await self.log.wait(timeout_ms)
@@ -187,6 +194,8 @@ class FakeGroupConsumer:
             self.positions[partition] = offset
 
     async def read_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        if self.read_committed_fails:
+            raise self.read_committed_fails.pop(0)
         if self.stale_committed:  # as right after a transactional commit: the one before
             return dict(self.stale_committed)
         return {p: self.committed.get(p) for p in partitions}

@@ -14,7 +14,7 @@ import pytest
 from stream.config import Config, ModelConfig
 from stream.core.routing import RoutingState
 from stream.embed.pool import ModelPool
-from stream.errors import SendFailed
+from stream.errors import BrokerUnavailable, SendFailed
 from stream.processor.backfill import MigrationWorker
 from stream.processor.control import ControlPlane
 from stream.processor.inference import Inference
@@ -213,3 +213,23 @@ async def test_a_commit_refused_by_a_rebalance_is_not_counted(tiny_model: Path) 
             await heard.until_committed({0: 5})
     assert heard.commits == [{0: 5}]
     assert consumer.committed == {0: 5}
+
+
+async def test_kafka_away_while_reading_from_the_committed_offsets_is_waited_out(
+    tiny_model: Path,
+) -> None:
+    """A rebalance during a fetch means reading again from the committed offsets; Kafka
+    unreachable at that moment is waited out (the loop backs off and asks again), not a
+    crash of the live loop, and nothing is skipped."""
+    log = FakeLog("atoms", 1)
+    atoms(log, 0, 20)
+    consumer = FakeGroupConsumer(log, [0])
+    consumer.rebalance_at_fetch = 2
+    consumer.read_committed_fails = [BrokerUnavailable("coordinator away (fake)")] * 2
+    producer = FakeProducer()
+    async with live_loop(tiny_model, log, consumer, producer) as heard:
+        with anyio.fail_after(30):
+            await heard.until_committed({0: 20})
+    assert consumer.read_committed_fails == [], "the reads that failed were retried"
+    assert set(producer.keys("embeddings.tiny")) == {f"a0-{i}".encode() for i in range(20)}
+    assert heard.committed() == {0: 20}
