@@ -7,6 +7,16 @@ parameter, and it is fed what each step really cost):
 - **They alternate while both have work.** After a live window, a backfill chunk of
   `chunk_secs`; after a chunk, the waiting live window. So a live window waits at most one
   chunk (live p99 grows by at most one chunk), and neither path starves.
+- **Live drains once before the next chunk.** A live window after a chunk holds what
+  arrived during the chunk; what arrives during that window would wait for a whole chunk and
+  then a window as long. So when that window ran at least `drain_secs` (half a chunk) and
+  the cap has room for that much more, one more live window runs first, holding what arrived
+  meanwhile, and only what arrived during that shorter window waits a chunk. At half load
+  (windows as long as chunks) that cuts the worst wait from about three chunks (window,
+  chunk, window) to about two. Only once: a small window costs nearly as much as a larger
+  one (per-window work, and small forward passes), so a chain of them until the cap took
+  the time backfill's share is made of (measured: 3-7 live windows of 20-50 atoms between
+  two chunks, live windows from 63-69 % of the time to 70-77 %).
 - **Backfill gets at least `min_share`.** While backfill has work, a live window is capped at
   `live_cap_secs` (= `chunk_secs * (1 - min_share) / min_share`): the live path sizes its
   window to that budget (`chunk_atoms` from its measured rate), so a saturated live path
@@ -34,6 +44,7 @@ from dataclasses import dataclass
 DEFAULT_MIN_SHARE = 0.25
 DEFAULT_CHUNK_SECS = 0.2
 DEFAULT_WINDOW_SECS = 10.0
+DRAIN_FRACTION = 0.5  # a live window after a chunk this long or longer is followed by another
 
 
 class Step(enum.Enum):
@@ -50,7 +61,8 @@ class Decision:
 
     `budget_secs`: for BACKFILL, the seconds the chunk may take (size it with
     `chunk_atoms` or `chunk_prefix`); for LIVE, the longest window that still leaves backfill
-    its share (`live_cap_secs`), or None when backfill has no work (no cap); None for IDLE.
+    its share (`live_cap_secs`, less the live windows since the last chunk), or None when
+    backfill has no work (no cap); None for IDLE.
     """
 
     step: Step
@@ -58,8 +70,9 @@ class Decision:
 
 
 class ShareScheduler:
-    """Alternating quanta of model time: live never waits more than one chunk, backfill
-    gets at least `min_share` while it has work, and neither path idles the model."""
+    """Alternating quanta of model time: live never waits more than one chunk (and drains
+    before the next), backfill gets at least `min_share` while it has work, and neither path
+    idles the model."""
 
     def __init__(
         self,
@@ -76,7 +89,12 @@ class ShareScheduler:
             raise ValueError(f"window_secs must be positive, got {window_secs}")
         self.min_share = min_share
         self.chunk_secs = chunk_secs
+        self.drain_secs = chunk_secs * DRAIN_FRACTION
         self._last = Step.IDLE
+        self._last_live_secs = 0.0
+        # Live seconds since the last chunk; None while no chunk ran since backfill had work.
+        self._live_since_chunk: float | None = None
+        self._live_windows_since_chunk = 0
         self._share = _DecayedShare(window_secs)
 
     @property
@@ -88,19 +106,31 @@ class ShareScheduler:
         """Decide the next step. Pure in the scheduler's state: call it, run the step,
         then report what the step cost with `record_live` or `record_backfill`."""
         if not backfill_pending:
+            self._live_since_chunk = None
             return Decision(Step.LIVE) if live_waiting else Decision(Step.IDLE)
         if live_waiting and self._last is Step.BACKFILL:
             return Decision(Step.LIVE, self.live_cap_secs)
+        since = self._live_since_chunk
+        if live_waiting and since is not None and self._live_windows_since_chunk == 1:
+            left = self.live_cap_secs - since
+            if self._last_live_secs >= self.drain_secs and left >= self.drain_secs:
+                return Decision(Step.LIVE, left)  # drain once: see the module's docstring
         return Decision(Step.BACKFILL, self.chunk_secs)
 
     def record_live(self, seconds: float, now: float) -> None:
         """A live window took `seconds` of model time, ending at `now`."""
         self._last = Step.LIVE
-        self._share.add(live=_non_negative(seconds), backfill=0.0, now=now)
+        self._last_live_secs = _non_negative(seconds)
+        if self._live_since_chunk is not None:
+            self._live_since_chunk += seconds
+            self._live_windows_since_chunk += 1
+        self._share.add(live=seconds, backfill=0.0, now=now)
 
     def record_backfill(self, seconds: float, now: float) -> None:
         """A backfill chunk took `seconds` of model time, ending at `now`."""
         self._last = Step.BACKFILL
+        self._live_since_chunk = 0.0
+        self._live_windows_since_chunk = 0
         self._share.add(live=0.0, backfill=_non_negative(seconds), now=now)
 
     def backfill_share(self, now: float) -> float | None:

@@ -108,8 +108,9 @@ class LiveConsumer:
         """Process windows until `stop` is set; the window in flight is finished first.
 
         Each turn, the scheduler picks a live window or a backfill step: while both have
-        work they alternate (a live window waits at most one chunk, and is capped so that
-        backfill gets at least `[backfill] min_share` of model time).
+        work they alternate (a live window waits at most one chunk, a long one after a chunk
+        is followed by one more, and live is capped so that backfill gets at least
+        `[backfill] min_share` of model time).
         """
         self._consumer.subscribe(self.rebalance)
         async with anyio.create_task_group() as tasks:
