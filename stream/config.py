@@ -136,7 +136,7 @@ class BatchingConfig(_Section, frozen=True):
     embed_retries: Annotated[int, msgspec.Meta(ge=0)] = 2
     # Fetch, decode and tokenize the next live window while this one's forward passes,
     # sends and commit run (at-least-once mode, while backfill has no work).
-    overlap_windows: bool = False
+    overlap_windows: bool = True
     # Backfill runs in steps of about `backfill_chunk_ms` of wall time between live windows
     # ([backfill] min_share says how many): a live window waits at most one step.
     backfill_chunk_ms: PositiveInt = 100
