@@ -87,25 +87,21 @@ def test_a_long_live_window_after_a_chunk_is_followed_by_one_more() -> None:
     ]
 
 
-def test_no_second_live_window_when_the_cap_is_nearly_spent() -> None:
-    scheduler = make()
-    scheduler.next_step(live_waiting=False, backfill_pending=True)
-    scheduler.record_backfill(0.25, now=0.25)
-    scheduler.next_step(live_waiting=True, backfill_pending=True)
-    scheduler.record_live(0.6875, now=1.0)  # 0.0625 s left under the cap: under 0.125
-    assert scheduler.next_step(live_waiting=True, backfill_pending=True) == Decision(
-        Step.BACKFILL, 0.25
-    )
-
-
-def test_a_short_live_window_hands_over_to_the_next_chunk() -> None:
+@pytest.mark.parametrize(
+    "first_window",
+    [
+        0.0625,  # under half a chunk (0.125 s): few atoms came meanwhile
+        0.6875,  # 0.0625 s left under the cap (0.75 s): under half a chunk
+    ],
+)
+def test_no_second_live_window_after_a_short_one_or_near_the_cap(first_window: float) -> None:
     scheduler = make()
     scheduler.next_step(live_waiting=False, backfill_pending=True)
     scheduler.record_backfill(0.25, now=0.25)
     assert scheduler.next_step(live_waiting=True, backfill_pending=True) == Decision(
         Step.LIVE, 0.75
     )
-    scheduler.record_live(0.0625, now=0.3)  # under half a chunk: few atoms came meanwhile
+    scheduler.record_live(first_window, now=1.0)
     assert scheduler.next_step(live_waiting=True, backfill_pending=True) == Decision(
         Step.BACKFILL, 0.25
     )
