@@ -91,7 +91,6 @@ class ShareScheduler:
         self.chunk_secs = chunk_secs
         self.drain_secs = chunk_secs * DRAIN_FRACTION
         self._last = Step.IDLE
-        self._last_live_secs = 0.0
         # Live seconds since the last chunk; None while no chunk ran since backfill had work.
         self._live_since_chunk: float | None = None
         self._live_windows_since_chunk = 0
@@ -110,17 +109,17 @@ class ShareScheduler:
             return Decision(Step.LIVE) if live_waiting else Decision(Step.IDLE)
         if live_waiting and self._last is Step.BACKFILL:
             return Decision(Step.LIVE, self.live_cap_secs)
-        since = self._live_since_chunk
+        since = self._live_since_chunk  # after one window, that window's seconds
         if live_waiting and since is not None and self._live_windows_since_chunk == 1:
             left = self.live_cap_secs - since
-            if self._last_live_secs >= self.drain_secs and left >= self.drain_secs:
+            if since >= self.drain_secs and left >= self.drain_secs:
                 return Decision(Step.LIVE, left)  # drain once: see the module's docstring
         return Decision(Step.BACKFILL, self.chunk_secs)
 
     def record_live(self, seconds: float, now: float) -> None:
         """A live window took `seconds` of model time, ending at `now`."""
+        seconds = _non_negative(seconds)
         self._last = Step.LIVE
-        self._last_live_secs = _non_negative(seconds)
         if self._live_since_chunk is not None:
             self._live_since_chunk += seconds
             self._live_windows_since_chunk += 1

@@ -267,7 +267,7 @@ def test_backfill_never_starves_even_with_uncapped_live_windows(
     most = 2
     now = 0.0
     steps = []
-    in_a_row = live_since_chunk = 0.0
+    in_a_row, live_since_chunk = 0, 0.0
     for i in range(200):
         decision = scheduler.next_step(live_waiting=True, backfill_pending=True)
         steps.append(decision.step)
@@ -280,7 +280,7 @@ def test_backfill_never_starves_even_with_uncapped_live_windows(
             scheduler.record_live(windows[i % len(windows)], now)
         else:
             assert decision.budget_secs is not None
-            in_a_row = live_since_chunk = 0.0
+            in_a_row, live_since_chunk = 0, 0.0
             now += decision.budget_secs
             scheduler.record_backfill(decision.budget_secs, now)
     assert steps[0] is Step.BACKFILL
